@@ -1,0 +1,166 @@
+"""Sample from a PixNerd checkpoint: a PNG grid, or many images and an ADM-evaluator .npz.
+
+    python sample.py --ckpt results/000-XL-16/ckpt-last.pt --steps 50 --solver adams2
+    torchrun --nproc_per_node=8 sample.py --ckpt X.pt --num-samples 50000   # PNGs + samples.npz
+    python sample.py --ckpt official.ckpt --model XL/16 --resolution 384 512   # arbitrary size
+
+Our checkpoints and official Lightning .ckpt files load alike (EMA weights by default).
+In the many-images mode each image's noise and label depend on its index alone, and whole
+batches are dealt to ranks, so any world size writes the same images; a rerun skips what exists.
+"""
+import argparse
+import glob
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from model import MODELS, convert_official, load_weights
+from samplers import SOLVERS, guided, sample
+
+
+def to_uint8(x):
+    """[-1, 1] float (B, C, H, W) -> uint8 (B, H, W, C), rounding as the official fp2uint8."""
+    return ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_grid(x, path, nrow=8):
+    """Save images in [-1, 1] as one PNG grid with nrow images per row."""
+    imgs = to_uint8(x).numpy()
+    n, h, w, c = imgs.shape
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2, c), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, col = divmod(i, nrow)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = img
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+def newest_checkpoint(results_dir):
+    """The newest checkpoint of the newest run folder, or None."""
+    runs = sorted(glob.glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*")))
+    for run in reversed(runs):
+        ckpts = sorted(glob.glob(os.path.join(run, "ckpt-*.pt")), key=os.path.getmtime)
+        if ckpts:
+            return ckpts[-1]
+    return None
+
+
+def load_model(path, model_name=None, use_ema=True):
+    """(model, training image size) from our checkpoint or an official .ckpt."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"--ckpt {path}: no such file")
+    if "model_config" in ckpt:  # ours
+        config = ckpt["model_config"]
+        if model_name and model_name != config["name"]:
+            raise SystemExit(f"--ckpt {path} is a {config['name']} model, not --model {model_name}")
+        model = MODELS[config["name"]](**config["kwargs"])
+        weights, size = ckpt["ema" if use_ema else "model"], ckpt["args"]["image_size"]
+    else:  # official: EMA weights are taken by convert_official when present
+        weights = convert_official(ckpt if use_ema else {k: v for k, v in ckpt.get("state_dict", ckpt).items()
+                                                         if not k.startswith("ema_denoiser.")})
+        num_classes = weights["y_embedder.weight"].shape[0] - 1 if "y_embedder.weight" in weights else 1000
+        model = MODELS[model_name or "XL/16"](num_classes=num_classes)
+        size = 256
+    try:
+        load_weights(model, weights)
+    except ValueError as e:
+        raise SystemExit(f"--ckpt {path}: {e}")
+    return model.eval().requires_grad_(False), size
+
+
+def main(args):
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    ckpt = args.ckpt or newest_checkpoint(args.results_dir)
+    if ckpt is None:
+        raise SystemExit(f"no checkpoint given and none found under {args.results_dir}/. "
+                         "Train one first, e.g.: python train.py --model S/16 --max-steps 1500 "
+                         "--global-batch-size 32, or pass --ckpt PATH")
+    model, train_size = load_model(ckpt, args.model, not args.no_ema)
+    model.to(device)
+    if args.compile and cuda:
+        for block in model.blocks:
+            block.compile()
+        model.head.compile()
+    H, W = args.resolution or (train_size, train_size)
+    kwargs = {"size": (train_size, train_size)} if (H, W) != (train_size, train_size) else {}
+    nc = model.num_classes
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
+
+    def generate(labels, seeds):
+        noise = torch.stack([torch.randn(3, H, W, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        y = labels.to(device)
+        fn = guided(model, y, torch.full_like(y, nc), args.cfg_scale, tuple(args.cfg_interval), **kwargs)
+        with autocast:
+            return sample(fn, noise.to(device), args.steps, args.solver, args.shift)
+
+    if not args.num_samples:  # one grid
+        labels = torch.tensor(args.class_labels or list(range(min(nc, 8))))
+        x = generate(labels, [args.seed * 1_000_003 + i for i in range(len(labels))])
+        if rank == 0:
+            save_grid(x, args.out, nrow=min(len(labels), 8))
+            print(f"saved {args.out}")
+        return
+
+    out_dir = args.sample_dir or os.path.splitext(ckpt)[0] + f"-{args.solver}{args.steps}-cfg{args.cfg_scale}-{H}x{W}"
+    os.makedirs(out_dir, exist_ok=True)
+    n, bs = args.num_samples, args.batch_size
+    todo = [b for b in range(rank, -(-n // bs), world)  # whole batches dealt round-robin to ranks
+            if not all(os.path.exists(f"{out_dir}/{i:06d}.png") for i in range(b * bs, min(n, (b + 1) * bs)))]
+    for b in tqdm(todo, disable=rank != 0, desc=f"sampling to {out_dir}"):
+        idx = list(range(b * bs, min(n, (b + 1) * bs)))
+        labels = torch.tensor([i * nc // n for i in idx])  # n / nc images per class, in order
+        imgs = to_uint8(generate(labels, [args.seed * 1_000_003 + i for i in idx])).numpy()
+        for i, img in zip(idx, imgs):  # write-then-rename: a killed run leaves no half PNG
+            Image.fromarray(img).save(f"{out_dir}/{i:06d}.tmp.png")
+            os.replace(f"{out_dir}/{i:06d}.tmp.png", f"{out_dir}/{i:06d}.png")
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        arr = np.stack([np.asarray(Image.open(f"{out_dir}/{i:06d}.png")) for i in range(n)])
+        np.savez(f"{out_dir}.npz", arr_0=arr)
+        print(f"saved {n} images to {out_dir}/ and {out_dir}.npz {arr.shape}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="default: newest checkpoint of the newest run folder")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--model", choices=list(MODELS), default=None, help="for official checkpoints (default XL/16)")
+    p.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--solver", choices=SOLVERS, default="euler")
+    p.add_argument("--cfg-scale", type=float, default=3.5)
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0])
+    p.add_argument("--shift", type=float, default=1.0)
+    p.add_argument("--class-labels", type=int, nargs="+", default=None)
+    p.add_argument("--resolution", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="sample at another size than trained, without retraining")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-samples", type=int, default=0, help="write this many PNGs and an .npz")
+    p.add_argument("--sample-dir", default=None)
+    p.add_argument("--out", default="sample.png", help="the grid's path")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="CUDA only")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())

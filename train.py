@@ -1,0 +1,510 @@
+"""Train PixNerd with plain PyTorch DDP.
+
+    torchrun --nproc_per_node=8 train.py --model XL/16 --data-path /data/imagenet/train
+    python train.py --model S/16 --max-steps 1500 --global-batch-size 32   # built-in toy data, CPU
+
+The defaults are the paper's / official recipe (spec Sec. 4): AdamW lr 1e-4, no weight decay,
+global batch 256, EMA 0.9999, lognorm t, label dropout 0.1, REPA at block 8 with weight 0.5 when
+a DINOv2 checkpoint is given, bf16 autocast on CUDA. Without --data-path it trains on a small
+procedural dataset so every path runs on any machine.
+
+Every random draw of a training step comes from a generator seeded by (seed, rank, step) and the
+data order is a pure function of (seed, epoch), so the step counter *is* the random state:
+a resumed run repeats the uninterrupted one exactly (bitwise on the CPU).
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from copy import deepcopy
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import flow
+from model import MODELS, convert_official, load_weights
+from samplers import guided, sample
+from sample import save_grid
+
+IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+PEAK_FLOPS = 686e12  # bf16 dense matmul rate measured on an H100 (8192^3); the MFU reference
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def center_crop_adm(img, size):
+    """ADM's centre crop (spec Sec. 4): box-downsample by 2 while the short side >= 2 size,
+    bicubic-resize the short side to size (up for small images), centre-crop. -> uint8 HWC."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[y: y + size, x: x + size]
+
+
+class ImageFolder(Dataset):
+    """One subfolder per class. Items are (uint8 CHW image, label, number of unreadable files
+    skipped to produce it). Any PIL mode is converted to RGB; a corrupt file is replaced by the
+    next readable one with a warning, so a bad file never stops a run."""
+
+    def __init__(self, root, size):
+        if not os.path.isdir(root):
+            raise SystemExit(f"--data-path {root!r} is not a directory")
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.files, self.labels = [], []
+        for label, cls in enumerate(self.classes):
+            for dirpath, _, names in sorted(os.walk(os.path.join(root, cls))):
+                for name in sorted(names):
+                    if name.lower().endswith(IMG_EXTS):
+                        self.files.append(os.path.join(dirpath, name))
+                        self.labels.append(label)
+        if not self.files:
+            raise SystemExit(f"--data-path {root!r} holds no images in class subfolders "
+                             f"(expected {root}/<class>/<image>{IMG_EXTS[0]})")
+        self.size = size
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, i):
+        with Image.open(self.files[i]) as img:
+            img = img.convert("RGBA") if img.mode in ("P", "LA") else img
+            if img.mode == "RGBA":  # transparent pixels on white, not on black
+                img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img)
+            return center_crop_adm(img.convert("RGB"), self.size)
+
+    def __getitem__(self, i):
+        for bad in range(len(self)):
+            j = (i + bad) % len(self)
+            try:
+                return torch.from_numpy(self.load(j).copy()).permute(2, 0, 1), self.labels[i], bad
+            except Exception as e:  # truncated, corrupt, not an image at all
+                warnings.warn(f"skipping unreadable image {self.files[j]}: {e}")
+        raise RuntimeError("no readable image in the dataset")
+
+
+class ArrayDataset(Dataset):
+    """A preprocessed dataset: one memory-mapped uint8 (N, H, W, 3) file and its labels."""
+
+    def __init__(self, path):
+        self.images = np.load(path, mmap_mode="r")
+        self.labels = np.load(path[: -len(".npy")] + ".labels.npy")
+        self.classes = [str(c) for c in range(int(self.labels.max()) + 1)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1), int(self.labels[i]), 0
+
+
+def cache_dataset(dataset, path, num_workers):
+    """Decode and crop every image once into a uint8 array file (written atomically)."""
+    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers)
+    n, s = len(dataset), dataset.size
+    tmp = path + ".tmp.npy"
+    images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
+    labels, i = np.zeros(n, dtype=np.int64), 0
+    for x, y, _ in tqdm(loader, desc=f"caching {path}"):
+        images[i: i + len(x)] = x.permute(0, 2, 3, 1).numpy()
+        labels[i: i + len(x)] = y.numpy()
+        i += len(x)
+    images.flush()
+    np.save(path[: -len(".npy")] + ".labels.npy", labels)
+    os.replace(tmp, path)
+
+
+class Shapes(Dataset):
+    """The built-in dataset: coloured shapes on dark backgrounds, one class per shape, generated
+    deterministically from the index so it needs no files and any machine gets the same data."""
+
+    classes = ["red disc", "green square", "blue triangle", "yellow cross", "magenta ring", "cyan stripes"]
+
+    def __init__(self, size, n=6000):
+        self.size, self.n = size, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        label, s = i % len(self.classes), self.size
+        yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s
+        cx, cy = rng.uniform(0.35, 0.65, 2)
+        r = rng.uniform(0.2, 0.32)
+        dx, dy = xx - cx, yy - cy
+        mask = [np.hypot(dx, dy) < r,
+                np.maximum(abs(dx), abs(dy)) < r * 0.85,
+                (dy < r * 0.8) & (dy > -r) & (abs(dx) < (dy + r) * 0.55),
+                np.minimum(abs(dx), abs(dy)) < r * 0.3,
+                abs(np.hypot(dx, dy) - r * 0.8) < r * 0.25,
+                (np.floor(yy * 8 + cy * 4) % 2 == 0)][label]
+        if label in (3, 5):
+            mask &= np.maximum(abs(dx), abs(dy)) < r * 1.1
+        colour = np.array([[220, 40, 40], [40, 200, 60], [50, 80, 230], [235, 215, 40],
+                           [215, 50, 215], [40, 210, 220]][label]) + rng.integers(-25, 26, 3)
+        img = np.broadcast_to(rng.integers(10, 70, 3), (s, s, 3)).copy()
+        img[mask] = colour.clip(0, 255)
+        return torch.from_numpy(img.astype(np.uint8)).permute(2, 0, 1), label, 0
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Endless shuffled indices for this rank, starting after `start` already-consumed samples.
+    Epoch e's order is randperm(seed + e), the same on every rank and in every run. With hflip,
+    index i + n means "item i, mirrored", decided by the same permutation."""
+
+    def __init__(self, n, rank, world, seed, start=0, hflip=False):
+        self.n, self.rank, self.world, self.seed, self.start, self.hflip = n, rank, world, seed, start, hflip
+
+    def __iter__(self):
+        m = 2 * self.n if self.hflip else self.n
+        per_rank = m // self.world
+        epoch, offset = divmod(self.start, per_rank)
+        while True:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(m, generator=g)[self.rank: per_rank * self.world: self.world]
+            yield from order[offset:].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+class Flipped(Dataset):
+    """Index i + n is item i mirrored left-right (see ResumableSampler)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.classes = dataset, dataset.classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y, bad = self.dataset[i % len(self.dataset)]
+        return (x.flip(-1) if i >= len(self.dataset) else x), y, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and run folders
+# ---------------------------------------------------------------------------------------------
+
+def save_atomic(obj, path):
+    """Write to a temporary file, fsync, rename: a kill at any moment leaves the old file or
+    the new one, never a torn one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def newest_run(results_dir):
+    runs = sorted(d for d in os.listdir(results_dir) if d[:3].isdigit()) if os.path.isdir(results_dir) else []
+    return os.path.join(results_dir, runs[-1]) if runs else None
+
+
+def model_config(args, num_classes):
+    kwargs = dict(num_classes=num_classes, head=args.head)
+    for k in ("encoding", "nerf_norm", "nerf_width", "nerf_depth", "patch_size"):
+        if getattr(args, k) is not None:
+            kwargs[k] = getattr(args, k)
+    return {"name": args.model, "kwargs": kwargs}
+
+
+def count_flops(config, image_size):
+    """Forward matmul + attention FLOPs of one image, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        m = MODELS[config["name"]](**config["kwargs"])
+        x = torch.empty(1, 3, image_size, image_size)
+        with FlopCounterMode(display=False) as counter:
+            m(x, torch.empty(1), torch.zeros(1, dtype=torch.long))
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+class Objective(nn.Module):
+    """The model and the REPA projector under one module, so DDP syncs both."""
+
+    def __init__(self, model, projector):
+        super().__init__()
+        self.model, self.projector = model, projector
+
+    def forward(self, x, y, **kw):
+        return flow.training_losses(self.model, x, y, projector=self.projector, **kw)
+
+
+def main(args):
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # ---- resume: the run's own settings win; --max-steps and the logging cadence may change
+    ckpt, run_dir = None, None
+    if args.resume:
+        run_dir = newest_run(args.results_dir) if args.resume == "auto" else args.resume
+        path = run_dir and os.path.join(run_dir, "ckpt-last.pt")
+        if not path or not os.path.exists(path):
+            raise SystemExit(f"--resume: no checkpoint found ({path or 'no run folder in ' + args.results_dir})")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = ckpt["args"]
+        if args.model and args.model != saved["model"]:
+            raise SystemExit(f"--resume: the checkpoint is model {saved['model']}, but --model is {args.model}")
+        for k, v in saved.items():
+            if k not in RESUME_MAY_CHANGE or getattr(args, k) is None:
+                setattr(args, k, v)
+        args.resume = run_dir
+    args.model = args.model or "XL/16"
+    for k, v in (PAPER if args.data_path else BUILTIN).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.global_batch_size % (world * args.grad_accum):
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                         f"{world} processes x --grad-accum {args.grad_accum}")
+    local_batch = args.global_batch_size // (world * args.grad_accum)
+    torch.manual_seed(args.seed * world + rank)
+
+    if not args.resume and rank == 0:
+        os.makedirs(args.results_dir, exist_ok=True)
+        last = newest_run(args.results_dir)
+        idx = int(os.path.basename(last)[:3]) + 1 if last else 0
+        run_dir = os.path.join(args.results_dir, f"{idx:03d}-{args.model.replace('/', '-')}")
+        os.makedirs(run_dir)
+    if ddp and not args.resume:
+        box = [run_dir if rank == 0 else None]
+        dist.broadcast_object_list(box)
+        run_dir = box[0]
+
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout)] +
+                        ([logging.FileHandler(os.path.join(run_dir, "log.txt"))] if rank == 0 else []))
+    log = logging.getLogger("train")
+
+    # ---- data (every error before any GPU work)
+    size = args.image_size
+    if args.data_path:
+        if args.cache:
+            if not os.path.exists(args.cache) and rank == 0:
+                cache_dataset(ImageFolder(args.data_path, size), args.cache, args.num_workers)
+            if ddp:
+                dist.barrier()
+            dataset = ArrayDataset(args.cache)
+        else:
+            dataset = ImageFolder(args.data_path, size)
+    else:
+        dataset = Shapes(size)
+    if args.hflip:
+        dataset = Flipped(dataset)
+    num_classes = len(dataset.classes)
+
+    # ---- model, EMA, REPA, optimizer
+    config = ckpt["model_config"] if ckpt else model_config(args, num_classes)
+    model = MODELS[config["name"]](**config["kwargs"]).to(device)
+    if args.init_from and not ckpt:
+        src = torch.load(args.init_from, map_location="cpu", weights_only=True)
+        weights = src["ema"] if "ema" in src else convert_official(src)  # EMA weights, as official "emainit"
+        try:
+            load_weights(model, weights)
+        except ValueError as e:
+            raise SystemExit(f"--init-from {args.init_from} does not fit --model {args.model}: {e}")
+    ema = deepcopy(model).requires_grad_(False)  # fp32, updated every step
+    encoder = projector = None
+    if args.repa_encoder:
+        from dinov2 import load_dinov2, repa_target
+        encoder = load_dinov2(args.repa_encoder).to(device)
+        projector = flow.REPAProjector(model.patch_embed.out_features).to(device)
+        log.info(f"REPA on: DINOv2 from {args.repa_encoder}, block {model.align_layer}, weight {args.repa_weight}")
+    else:
+        log.info("REPA off (no --repa-encoder given): training with the flow-matching loss alone")
+    objective = Objective(model, projector)
+    opt = torch.optim.AdamW(objective.parameters(), lr=args.lr, betas=(0.9, args.beta2),
+                            weight_decay=args.weight_decay, fused=cuda)
+    step = 0
+    if ckpt:
+        try:
+            load_weights(model, ckpt["model"])
+        except ValueError as e:
+            raise SystemExit(f"--resume: {e}")
+        ema.load_state_dict(ckpt["ema"])
+        if projector is not None:
+            projector.load_state_dict(ckpt["projector"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+        log.info(f"resumed {run_dir} at step {step}")
+    if args.compile and cuda:  # regional: one compiled block serves all of them
+        for block in model.blocks:
+            block.compile()
+        model.head.compile()
+    train_obj = DDP(objective, device_ids=[device.index] if cuda else None) if ddp else objective
+    n_params = sum(p.numel() for p in model.parameters())
+    flops = count_flops(config, size)
+    if rank == 0:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    log.info(f"{config['name']} {config['kwargs']}: {n_params:,} parameters, {flops / 1e9:.1f} GFLOPs/image; "
+             f"{len(dataset):,} images of {num_classes} classes at {size}px; run folder {run_dir}")
+
+    sampler = ResumableSampler(len(dataset), rank, world, args.seed, step * local_batch * args.grad_accum,
+                               args.hflip)
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=cuda, drop_last=True, persistent_workers=args.num_workers > 0)
+    batches = iter(loader)
+
+    # fixed noise and labels for the EMA sample grids
+    g = torch.Generator().manual_seed(args.seed)
+    grid_y = torch.arange(min(num_classes, 8)).repeat_interleave(4).to(device)
+    grid_noise = torch.randn(len(grid_y), 3, size, size, generator=g).to(device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
+    gen = torch.Generator(device)
+
+    def save(name):
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "projector": projector.state_dict() if projector else None, "step": step,
+                 "args": vars(args), "model_config": config}
+        save_atomic(state, os.path.join(run_dir, name))
+
+    stats, t_log, seen, n_steps, bad_total = {}, time.time(), 0, 0, 0
+    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    while step < args.max_steps:
+        gen.manual_seed((args.seed * world + rank) * 1_000_000_007 + step)
+        for micro in range(args.grad_accum):
+            x, y, bad = next(batches)
+            bad_total += int(bad.sum())
+            x = x.to(device, non_blocking=True).float() / 127.5 - 1   # [-1, 1]
+            y = y.to(device, non_blocking=True)
+            target = None
+            if encoder is not None:
+                with torch.no_grad(), autocast:
+                    target = repa_target(encoder, x, size // model.patch_size, size // model.patch_size)
+            sync = micro == args.grad_accum - 1 or not ddp
+            with (nullcontext() if sync else train_obj.no_sync()), autocast:
+                losses = train_obj(x, y, null=num_classes, p_uncond=args.p_uncond, t_shift=args.t_shift,
+                                   repa_target=target, repa_weight=args.repa_weight, generator=gen)
+                (losses["loss"] / args.grad_accum).backward()
+            for k, v in losses.items():
+                stats[k] = stats.get(k, 0) + v.detach() / args.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), args.grad_clip or float("inf"))
+        stats["grad_norm"] = stats.get("grad_norm", 0) + grad_norm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # EMA in fp32: ema += (1 - decay) (theta - ema)
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema_decay)
+        step += 1
+        n_steps += 1
+        seen += args.global_batch_size
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            row = {k: v.item() / n_steps for k, v in stats.items()}
+            if ddp:
+                vals = torch.tensor(list(row.values()), device=device)
+                dist.all_reduce(vals)
+                row = dict(zip(row, (vals / world).tolist()))
+            if not all(math.isfinite(v) for v in row.values()):
+                raise SystemExit(f"step {step}: loss or gradient is not finite ({row}); stopping. "
+                                 f"The last checkpoint in {run_dir} is intact.")
+            dt = time.time() - t_log
+            row.update(step=step, lr=args.lr, img_per_s=seen / dt, skipped_images=bad_total)
+            if cuda:
+                row["mfu"] = 3 * flops * seen / dt / (PEAK_FLOPS * world)
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            if rank == 0:
+                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            stats, t_log, seen, n_steps = {}, time.time(), 0, 0
+
+        if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
+            with autocast:
+                fn = guided(ema, grid_y, torch.full_like(grid_y, num_classes), args.sample_cfg, (0.1, 1.0))
+                imgs = sample(fn, grid_noise, args.sample_steps, "euler")
+            save_grid(imgs.float(), os.path.join(run_dir, f"samples-{step:07d}.png"), nrow=4)
+        if rank == 0 and (step % args.ckpt_every == 0 or step == args.max_steps):
+            save("ckpt-last.pt")
+            if args.milestone_every and step % args.milestone_every == 0:
+                save(f"ckpt-{step:07d}.pt")
+    bar.close()
+    log.info(f"done: {step} steps in {run_dir}")
+    if ddp:
+        dist.destroy_process_group()
+    return run_dir
+
+
+# Defaults left unset on the command line: the paper's recipe for real data; for the built-in
+# shapes a run that gives a recognisable EMA grid in about 10 minutes on a 2-core CPU.
+PAPER = dict(image_size=256, global_batch_size=256, max_steps=800_000, lr=1e-4, ema_decay=0.9999,
+             log_every=100, ckpt_every=5_000, sample_every=10_000)
+RESUME_MAY_CHANGE = ("max_steps", "log_every", "ckpt_every", "milestone_every", "sample_every",
+                     "num_workers", "compile", "results_dir")
+BUILTIN = dict(image_size=32, global_batch_size=32, max_steps=1_200, lr=2e-4, ema_decay=0.995,
+               log_every=50, ckpt_every=300, sample_every=300)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, epilog="Unset defaults: " + json.dumps(PAPER) +
+                                " with --data-path, else " + json.dumps(BUILTIN),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=list(MODELS), default=None, help="default XL/16")
+    p.add_argument("--head", choices=["nerf", "linear"], default="nerf", help="linear: the paper's Baseline")
+    p.add_argument("--encoding", choices=["dct", "dct2", "sincos", "cos"], default=None)
+    p.add_argument("--nerf-norm", choices=["fc1", "fc1_fc2", "fc1_fc2_out"], default=None)
+    p.add_argument("--nerf-width", type=int, default=None)
+    p.add_argument("--nerf-depth", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--data-path", default=None, help="ImageFolder layout; none: built-in shapes")
+    p.add_argument("--cache", default=None, help="uint8 .npy file to preprocess the dataset into once")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips (the official recipe has none)")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue the newest run in --results-dir, or the run folder given")
+    p.add_argument("--init-from", default=None, help="start from the weights of a checkpoint (ours or official)")
+    p.add_argument("--global-batch-size", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None, help="total steps of the run, resumes included")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--p-uncond", type=float, default=0.1, help="label dropout for CFG")
+    p.add_argument("--t-shift", type=float, default=1.0, help="time shift of the lognorm t (t2i: 2 at 256)")
+    p.add_argument("--repa-encoder", default=None, help="local DINOv2 ViT-B/14 checkpoint (dinov2_vitb14_pretrain.pth)")
+    p.add_argument("--repa-weight", type=float, default=0.5)
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--milestone-every", type=int, default=100_000)
+    p.add_argument("--sample-every", type=int, default=None)
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--sample-cfg", type=float, default=3.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="CUDA only")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
