@@ -94,9 +94,7 @@ def main(args):
     model, train_size = load_model(ckpt, args.model, not args.no_ema)
     model.to(device)
     if args.compile and cuda:
-        for block in model.blocks:
-            block.compile()
-        model.head.compile()
+        model.compile_regions()
     H, W = args.resolution or (train_size, train_size)
     kwargs = {"size": (train_size, train_size)} if (H, W) != (train_size, train_size) else {}
     nc = model.num_classes

@@ -239,6 +239,12 @@ def count_flops(config, image_size):
 # Training
 # ---------------------------------------------------------------------------------------------
 
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema += (1 - decay) (theta - ema), in fp32, one fused pass over all parameters."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
 class Objective(nn.Module):
     """The model and the REPA projector under one module, so DDP syncs both."""
 
@@ -354,9 +360,7 @@ def main(args):
         step = ckpt["step"]
         log.info(f"resumed {run_dir} at step {step}")
     if args.compile and cuda:  # regional: one compiled block serves all of them
-        for block in model.blocks:
-            block.compile()
-        model.head.compile()
+        model.compile_regions()
     train_obj = DDP(objective, device_ids=[device.index] if cuda else None) if ddp else objective
     n_params = sum(p.numel() for p in model.parameters())
     flops = count_flops(config, size)
@@ -409,8 +413,7 @@ def main(args):
         stats["grad_norm"] = stats.get("grad_norm", 0) + grad_norm
         opt.step()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():  # EMA in fp32: ema += (1 - decay) (theta - ema)
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.ema_decay)
+        update_ema(ema, model, args.ema_decay)
         step += 1
         n_steps += 1
         seen += args.global_batch_size
@@ -456,11 +459,11 @@ def main(args):
 # Defaults left unset on the command line: the paper's recipe for real data; for the built-in
 # shapes a run that gives a recognisable EMA grid in about 10 minutes on a 2-core CPU.
 PAPER = dict(image_size=256, global_batch_size=256, max_steps=800_000, lr=1e-4, ema_decay=0.9999,
-             log_every=100, ckpt_every=5_000, sample_every=10_000)
+             log_every=100, ckpt_every=5_000, sample_every=10_000, num_workers=8)
 RESUME_MAY_CHANGE = ("max_steps", "log_every", "ckpt_every", "milestone_every", "sample_every",
                      "num_workers", "compile", "results_dir")
 BUILTIN = dict(image_size=32, global_batch_size=32, max_steps=1_200, lr=2e-4, ema_decay=0.995,
-               log_every=50, ckpt_every=300, sample_every=300)
+               log_every=50, ckpt_every=300, sample_every=300, num_workers=1)
 
 
 def get_parser():
@@ -501,7 +504,7 @@ def get_parser():
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--sample-cfg", type=float, default=3.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="CUDA only")
     return p
 
