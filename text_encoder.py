@@ -1,0 +1,102 @@
+"""The frozen text encoder of text-to-image PixNerd (official spec Sec. 7.2).
+
+Officially Qwen3-1.7B: right padding to max_length 128 with truncation, and the base model's
+last_hidden_state (B, 128, 2048), taken as is (padded positions included), is the text feature.
+The unconditional input is "" encoded the same way. The official diffusion model gets no mask;
+we return it anyway so ours can optionally use it.
+
+`TextEncoder` needs only torch: it takes a tokenizer callable and a model callable, so tests run
+the very same encode/null_features code with tiny stand-ins. `load_text_encoder` adapts a local
+Hugging Face directory or .gguf file to those callables; transformers is optional and imported
+only there. Nothing is ever fetched from a hub.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+class TextEncoder:
+    """Prompts -> (features (B, L, d), mask (B, L) bool) with L == max_length.
+
+    tokenizer(prompts, max_length) -> (input_ids (B, L) long, attention_mask (B, L)), right padded
+    and truncated to exactly max_length. model(input_ids, attention_mask) -> last hidden state
+    (B, L, d). An nn.Module model is moved to device/dtype, put in eval mode and frozen.
+    embed_dim, if given, zero-pads or truncates the feature dim as the official code does.
+    """
+
+    def __init__(self, tokenizer, model, max_length=128, embed_dim=None, device="cpu", dtype=None):
+        if isinstance(model, torch.nn.Module):
+            model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.tokenizer, self.model = tokenizer, model
+        self.max_length, self.embed_dim, self.device = max_length, embed_dim, torch.device(device)
+        self._null = None  # "" encoded once: the unconditional input is asked for every CFG step
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        prompts = list(prompts)
+        ids, mask = self.tokenizer(prompts, self.max_length)
+        if tuple(ids.shape) != (len(prompts), self.max_length) or ids.shape != mask.shape:
+            raise ValueError(f"tokenizer gave ids {tuple(ids.shape)} / mask {tuple(mask.shape)}, "
+                             f"expected ({len(prompts)}, {self.max_length}): pad and truncate to max_length")
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        feats = self.model(ids, mask)  # padded positions kept as the model outputs them, as official
+        if self.embed_dim is not None:
+            d = feats.shape[-1]
+            feats = F.pad(feats, (0, self.embed_dim - d)) if d < self.embed_dim else feats[..., :self.embed_dim]
+        return feats, mask.bool()
+
+    def null_features(self, batch):
+        """(features, mask) of the empty prompt repeated `batch` times; the model runs only once."""
+        if self._null is None:
+            self._null = self.encode([""])
+        feats, mask = self._null
+        return feats.repeat(batch, 1, 1), mask.repeat(batch, 1)
+
+    @property
+    def dim(self):
+        """Feature width seen by the diffusion model (embed_dim if given, else the encoder's)."""
+        return self.embed_dim if self.embed_dim is not None else self.null_features(1)[0].shape[-1]
+
+
+class _LastHidden(torch.nn.Module):
+    """A Hugging Face base model (no LM head) as model(input_ids, attention_mask) -> last hidden state."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, input_ids, attention_mask):
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def load_text_encoder(path, max_length=128, embed_dim=None, device="cpu", dtype=torch.float32):
+    """A TextEncoder from a local HF model directory (Qwen3, BERT, ...) or a local .gguf file.
+
+    AutoModel builds the base model, so a causal LM's hidden states come out after its final norm
+    and before the LM head, as Qwen3Model's do officially.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--text-encoder {path!r} does not exist: pass a local Hugging Face "
+                                "model directory or a .gguf file (nothing is downloaded)")
+    is_gguf = path.endswith(".gguf")
+    try:
+        import transformers
+        if is_gguf:  # transformers reads .gguf with gguf, and (since v5) refuses it without accelerate
+            import accelerate  # noqa: F401
+            import gguf  # noqa: F401
+    except ImportError:
+        raise ImportError("the text encoder is optional and needs Hugging Face transformers: "
+                          "pip install transformers" + (" gguf accelerate" if is_gguf else "")) from None
+    src, kw = (os.path.dirname(path) or ".", {"gguf_file": os.path.basename(path)}) if is_gguf else (path, {})
+    tok = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True, **kw)
+    tok.padding_side = "right"
+    if tok.pad_token is None:  # GPT-like tokenizers (SmolLM, Llama) have none
+        tok.pad_token = tok.eos_token
+    hf = transformers.AutoModel.from_pretrained(src, local_files_only=True, dtype=dtype, **kw)
+
+    def tokenize(prompts, max_length):
+        t = tok(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        return t["input_ids"], t["attention_mask"]
+
+    return TextEncoder(tokenize, _LastHidden(hf), max_length, embed_dim, device, dtype)
