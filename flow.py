@@ -24,11 +24,13 @@ def sample_t(n, mean=0.0, std=1.0, shift=1.0, device=None, generator=None):
 
 def drop_condition(y, null, p, generator=None):
     """Replace each sample's condition by the null one with probability p (CFG training).
-    y: (B,) labels with null the null-class index, or (B, L, d) text features with null the
-    empty prompt's features (1, L, d)."""
-    drop = torch.rand(y.shape[0], device=y.device, generator=generator) < p
-    null = torch.as_tensor(null, device=y.device, dtype=y.dtype)
-    return torch.where(drop.view(-1, *[1] * (y.dim() - 1)), null, y)
+    y: (B,) labels with null the null-class index, or a tuple (text features (B, L, d), mask
+    (B, L)) with null the empty prompt's (1, L, d) and (1, L): one draw serves every member."""
+    if not isinstance(y, tuple):
+        return drop_condition((y,), (null,), p, generator)[0]
+    drop = torch.rand(y[0].shape[0], device=y[0].device, generator=generator) < p
+    return tuple(torch.where(drop.view(-1, *[1] * (v.dim() - 1)), torch.as_tensor(n, device=v.device, dtype=v.dtype), v)
+                 for v, n in zip(y, null))
 
 
 class REPAProjector(nn.Sequential):
@@ -49,7 +51,8 @@ def repa_loss(h, target):
 def training_losses(model, x, y, null=None, p_uncond=0.1, t=None, noise=None, t_mean=0.0,
                     t_std=1.0, t_shift=1.0, projector=None, repa_target=None, repa_weight=0.5,
                     generator=None, **model_kwargs):
-    """The loss terms for one batch of clean images x in [-1, 1] with conditions y.
+    """The loss terms for one batch of clean images x in [-1, 1] with conditions y (labels, or a
+    tuple (text features, text mask) passed to the model as its third and fourth arguments).
 
     Returns a dict: "fm" (the flow-matching MSE), "repa" (when repa_target is given) and
     "loss" = fm + repa_weight * repa. t and noise may be given (tests); otherwise they are drawn.
@@ -63,7 +66,8 @@ def training_losses(model, x, y, null=None, p_uncond=0.1, t=None, noise=None, t_
     tb = t.view(-1, 1, 1, 1).to(x.dtype)
     x_t = tb * x + (1 - tb) * noise                # the linear path between noise and data
     target = x - noise                             # its velocity dx_t/dt
-    out = model(x_t, t, y, return_align=repa_target is not None, **model_kwargs)
+    cond = y if isinstance(y, tuple) else (y,)  # labels, or (text features, text mask)
+    out = model(x_t, t, *cond, return_align=repa_target is not None, **model_kwargs)
     v, h = out if repa_target is not None else (out, None)
     losses = {"fm": F.mse_loss(v.float(), target.float())}
     losses["loss"] = losses["fm"]

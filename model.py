@@ -210,14 +210,15 @@ class PixNerd(nn.Module):
         else:
             self.head = LinearHead(D, in_channels * patch_size ** 2)
 
-    def forward(self, x, t, y, size=None, text_mask=None, return_align=False):
+    def forward(self, x, t, y, text_mask=None, size=None, return_align=False):
         """x: (B, C, H, W) noisy pixels; t: (B,); y: (B,) labels or (B, L_text, text_dim).
 
         size=(H0, W0): arbitrary-resolution sampling (paper Fig. 3, Sec. 7.4). The transformer
         sees x resized (nearest) to H0 x W0, the token grid it was trained on; the neural field
         decodes each token at (H/H0)*p x (W/W0)*p pixels of the full-resolution x.
         text_mask: (B, L_text) bool, True for real tokens. The official code attends padded text
-        tokens; None keeps that behaviour.
+        tokens; None keeps that behaviour. A caption with no token at all (GPT-style tokenisers
+        encode "" so) attends to every position rather than to none.
         return_align: also return the hidden state after block `align_layer` (REPA).
         """
         B, C, H, W = x.shape
@@ -240,7 +241,8 @@ class PixNerd(nn.Module):
             c = F.silu(t_emb)                                     # t2i: no text in adaLN
             text = self.text_norm(self.text_embed(y)) + self.text_pos[:, : y.shape[1]]
             if text_mask is not None:  # (B, 1, 1, keys): image keys always on
-                mask = text_mask[:, None, None, :].bool()
+                text_mask = text_mask.bool() | ~text_mask.bool().any(1, keepdim=True)
+                mask = text_mask[:, None, None, :]
                 for block in self.text_blocks:
                     text = block(text, c, mask=mask)
                 mask = F.pad(mask, (h.shape[1], 0), value=True)
@@ -305,6 +307,10 @@ def PixNerd_T2I(hidden_size, **kw):
                       "nerf_norm": "fc1", "text_dim": 2048, "text_len": 128, "text_depth": 4,
                       "align_layer": 6, **kw})
 
+def PixNerd_T2I_XS(**kw):  # for tests and CPU runs
+    return PixNerd_T2I(**{"hidden_size": 128, "depth": 4, "num_heads": 4, "nerf_depth": 2, "nerf_width": 32,
+                          "align_layer": 2, "text_depth": 1, **kw})
+
 def PixNerd_T2I_S(**kw):
     return PixNerd_T2I(**{"hidden_size": 384, "depth": 10, "num_heads": 6, "nerf_depth": 2,
                           "align_layer": 4, "text_depth": 2, **kw})
@@ -319,7 +325,7 @@ MODELS = {
     "S/4": lambda **kw: PixNerd_S(**{"patch_size": 4, **kw}),
     "B/16": PixNerd_B, "B/8": lambda **kw: PixNerd_B(**{"patch_size": 8, **kw}),
     "L/16": PixNerd_L, "XL/16": PixNerd_XL,
-    "T2I-S/16": PixNerd_T2I_S, "T2I-S/8": lambda **kw: PixNerd_T2I_S(**{"patch_size": 8, **kw}),
+    "T2I-XS/16": PixNerd_T2I_XS, "T2I-S/16": PixNerd_T2I_S, "T2I-S/8": lambda **kw: PixNerd_T2I_S(**{"patch_size": 8, **kw}),
     "XXL/16": PixNerd_XXL,
 }
 

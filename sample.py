@@ -10,6 +10,7 @@ batches are dealt to ranks, so any world size writes the same images; a rerun sk
 """
 import argparse
 import glob
+import json
 import os
 
 import numpy as np
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from model import MODELS, convert_official, load_weights
 from samplers import SOLVERS, guided, sample
+from text_encoder import caption_features
 
 
 def to_uint8(x):
@@ -51,7 +53,7 @@ def newest_checkpoint(results_dir):
 
 
 def load_model(path, model_name=None, use_ema=True):
-    """(model, training image size) from our checkpoint or an official .ckpt."""
+    """(model, its training args) from our checkpoint or an official .ckpt."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -61,18 +63,34 @@ def load_model(path, model_name=None, use_ema=True):
         if model_name and model_name != config["name"]:
             raise SystemExit(f"--ckpt {path} is a {config['name']} model, not --model {model_name}")
         model = MODELS[config["name"]](**config["kwargs"])
-        weights, size = ckpt["ema" if use_ema else "model"], ckpt["args"]["image_size"]
+        weights, train_args = ckpt["ema" if use_ema else "model"], ckpt["args"]
     else:  # official: EMA weights are taken by convert_official when present
         weights = convert_official(ckpt if use_ema else {k: v for k, v in ckpt.get("state_dict", ckpt).items()
                                                          if not k.startswith("ema_denoiser.")})
-        num_classes = weights["y_embedder.weight"].shape[0] - 1 if "y_embedder.weight" in weights else 1000
-        model = MODELS[model_name or "XL/16"](num_classes=num_classes)
-        size = 256
+        if "text_embed.weight" in weights:  # the t2i model, trained last at 512 px, no text mask
+            model, train_args = MODELS[model_name or "XXL/16"](), {"image_size": 512, "text_mask": False}
+        else:
+            model = MODELS[model_name or "XL/16"](num_classes=weights["y_embedder.weight"].shape[0] - 1)
+            train_args = {"image_size": 256}
     try:
         load_weights(model, weights)
     except ValueError as e:
         raise SystemExit(f"--ckpt {path}: {e}")
-    return model.eval().requires_grad_(False), size
+    return model.eval().requires_grad_(False), train_args
+
+
+def read_prompts(args):
+    """[(prompt, metadata)] from --prompt and --prompts (text lines, or GenEval's .jsonl)."""
+    prompts = [(p, {"prompt": p}) for p in args.prompt or []]
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        jsonl = args.prompts.endswith(".jsonl")
+        prompts += [(json.loads(line)["prompt"], json.loads(line)) if jsonl else (line, {"prompt": line})
+                    for line in lines]
+    if not prompts:
+        raise SystemExit("a text-to-image checkpoint needs --prompt TEXT or --prompts FILE")
+    return prompts
 
 
 def main(args):
@@ -91,8 +109,14 @@ def main(args):
         raise SystemExit(f"no checkpoint given and none found under {args.results_dir}/. "
                          "Train one first, e.g.: python train.py --model S/16 --max-steps 1500 "
                          "--global-batch-size 32, or pass --ckpt PATH")
-    model, train_size = load_model(ckpt, args.model, not args.no_ema)
+    model, train_args = load_model(ckpt, args.model, not args.no_ema)
     model.to(device)
+    train_size, t2i = train_args["image_size"], model.text_dim is not None
+    # the official defaults: c2i Euler, CFG 3.5 in (0.1, 1); t2i Adams-2, 25 steps, CFG 4 in (0, 1), shift 3
+    for k, c2i_default, t2i_default in (("solver", "euler", "adams2"), ("steps", 50, 25), ("cfg_scale", 3.5, 4.0),
+                                        ("cfg_interval", [0.1, 1.0], [0.0, 1.0]), ("shift", 1.0, 3.0)):
+        if getattr(args, k) is None:
+            setattr(args, k, t2i_default if t2i else c2i_default)
     if args.compile and cuda:
         model.compile_regions()
     H, W = args.resolution or (train_size, train_size)
@@ -100,16 +124,46 @@ def main(args):
     nc = model.num_classes
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
 
-    def generate(labels, seeds):
+    def generate(y, y_null, seeds):
+        """y: labels (B,), or (features, mask) of the prompts; each image's noise from its seed."""
         noise = torch.stack([torch.randn(3, H, W, generator=torch.Generator().manual_seed(s)) for s in seeds])
-        y = labels.to(device)
-        fn = guided(model, y, torch.full_like(y, nc), args.cfg_scale, tuple(args.cfg_interval), **kwargs)
+        fn = guided(model, y, y_null, args.cfg_scale, tuple(args.cfg_interval), **kwargs)
         with autocast:
             return sample(fn, noise.to(device), args.steps, args.solver, args.shift)
 
+    if t2i:
+        prompts = read_prompts(args)
+        feats, masks = caption_features([p for p, _ in prompts], args.text_encoder or train_args.get("text_encoder"),
+                                        model.text_pos.shape[1], args.text_cache or train_args.get("text_cache"), device)
+        use_mask = train_args.get("text_mask", True)
+
+        def text(rows, n):  # (features, mask) of prompt rows, each repeated n times
+            f, m = feats[rows].repeat_interleave(n, 0).to(device).float(), masks[rows].repeat_interleave(n, 0).to(device)
+            return (f, m) if use_mask else f
+
+        per = args.images_per_prompt
+        if args.prompts:  # GenEval's layout: <dir>/<index>/metadata.jsonl and samples/<seed>.png, seeds 0..
+            out_dir = args.sample_dir or os.path.splitext(args.prompts)[0] + "-samples"
+            for i in tqdm(range(rank, len(prompts), world), disable=rank != 0):
+                d = os.path.join(out_dir, f"{i:05d}")
+                os.makedirs(os.path.join(d, "samples"), exist_ok=True)
+                with open(os.path.join(d, "metadata.jsonl"), "w") as f:
+                    f.write(json.dumps(prompts[i][1]) + "\n")
+                x = generate(text([i], per), text([-1], per), list(range(per)))
+                for seed, img in enumerate(to_uint8(x).numpy()):
+                    Image.fromarray(img).save(os.path.join(d, "samples", f"{seed:04d}.png"))
+            print(f"saved {len(prompts)} x {per} images under {out_dir}/") if rank == 0 else None
+        elif rank == 0:  # one grid: a row of seeds 0.. per prompt
+            x = generate(text(list(range(len(prompts))), per), text([-1], len(prompts) * per),
+                         [s for _ in prompts for s in range(args.seed, args.seed + per)])
+            save_grid(x, args.out, nrow=per)
+            print(f"saved {args.out}: " + "; ".join(p for p, _ in prompts))
+        return
+
     if not args.num_samples:  # one grid
         labels = torch.tensor(args.class_labels or list(range(min(nc, 8))))
-        x = generate(labels, [args.seed * 1_000_003 + i for i in range(len(labels))])
+        y = labels.to(device)
+        x = generate(y, torch.full_like(y, nc), [args.seed * 1_000_003 + i for i in range(len(labels))])
         if rank == 0:
             save_grid(x, args.out, nrow=min(len(labels), 8))
             print(f"saved {args.out}")
@@ -123,7 +177,8 @@ def main(args):
     for b in tqdm(todo, disable=rank != 0, desc=f"sampling to {out_dir}"):
         idx = list(range(b * bs, min(n, (b + 1) * bs)))
         labels = torch.tensor([i * nc // n for i in idx])  # n / nc images per class, in order
-        imgs = to_uint8(generate(labels, [args.seed * 1_000_003 + i for i in idx])).numpy()
+        y = labels.to(device)
+        imgs = to_uint8(generate(y, torch.full_like(y, nc), [args.seed * 1_000_003 + i for i in idx])).numpy()
         for i, img in zip(idx, imgs):  # write-then-rename: a killed run leaves no half PNG
             Image.fromarray(img).save(f"{out_dir}/{i:06d}.tmp.png")
             os.replace(f"{out_dir}/{i:06d}.tmp.png", f"{out_dir}/{i:06d}.png")
@@ -143,11 +198,16 @@ def get_parser():
     p.add_argument("--results-dir", default="results")
     p.add_argument("--model", choices=list(MODELS), default=None, help="for official checkpoints (default XL/16)")
     p.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--solver", choices=SOLVERS, default="euler")
-    p.add_argument("--cfg-scale", type=float, default=3.5)
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 1.0])
-    p.add_argument("--shift", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=None, help="default 50 (t2i: 25)")
+    p.add_argument("--solver", choices=SOLVERS, default=None, help="default euler (t2i: adams2)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="default 3.5 (t2i: 4.0)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, help="default 0.1 1.0 (t2i: 0 1)")
+    p.add_argument("--shift", type=float, default=None, help="default 1 (t2i: 3)")
+    p.add_argument("--prompt", action="append", help="text-to-image: a prompt (repeatable)")
+    p.add_argument("--prompts", default=None, help="a file of prompts, one per line, or GenEval's .jsonl")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--text-encoder", default=None, help="default: the one the checkpoint was trained with")
+    p.add_argument("--text-cache", default=None, help="precomputed prompt features (.pt), default the training one")
     p.add_argument("--class-labels", type=int, nargs="+", default=None)
     p.add_argument("--resolution", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="sample at another size than trained, without retraining")

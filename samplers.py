@@ -75,12 +75,13 @@ def guided(model, y, y_null, scale, interval=(0.1, 1.0), **model_kwargs):
     unconditional one).
     """
     lo, hi = interval
+    y, y_null = (y, y_null) if isinstance(y, tuple) else ((y,), (y_null,))  # labels, or (text, mask)
+    both = tuple(torch.cat([u, c]) for u, c in zip(y_null, y))
 
     def fn(x, t):
         if scale != 1.0 and lo < float(t[0]) < hi:
-            v_u, v_c = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y_null, y]),
-                             **model_kwargs).chunk(2)
+            v_u, v_c = model(torch.cat([x, x]), torch.cat([t, t]), *both, **model_kwargs).chunk(2)
             return v_u + scale * (v_c - v_u)
-        return model(x, t, y, **model_kwargs)
+        return model(x, t, *y, **model_kwargs)
 
     return fn

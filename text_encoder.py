@@ -100,3 +100,26 @@ def load_text_encoder(path, max_length=128, embed_dim=None, device="cpu", dtype=
         return t["input_ids"], t["attention_mask"]
 
     return TextEncoder(tokenize, _LastHidden(hf), max_length, embed_dim, device, dtype)
+
+
+def caption_features(captions, encoder=None, max_length=128, cache=None, device="cpu", batch_size=256):
+    """Features of every caption, and of "" in the last row: fp16 (N+1, L, d) and mask (N+1, L)
+    on the CPU. The encoder is frozen, so they are computed once; with `cache` (a .pt file) they
+    are read from it when it holds every caption, and written to it otherwise."""
+    want = list(captions) + [""]
+    if cache and os.path.exists(cache):
+        saved = torch.load(cache, weights_only=True)
+        index = {s: i for i, s in enumerate(saved["captions"])}
+        if all(s in index for s in want) and saved["features"].shape[1] == max_length:
+            rows = torch.tensor([index[s] for s in want])
+            return saved["features"][rows], saved["mask"][rows]
+    if encoder is None:
+        raise SystemExit(f"no text features for these {len(want)} captions in --text-cache {cache}: "
+                         "give --text-encoder PATH to compute them")
+    enc = load_text_encoder(encoder, max_length, device=device)
+    feats, masks = zip(*(enc.encode(want[i: i + batch_size]) for i in range(0, len(want), batch_size)))
+    feats, masks = torch.cat(feats).half().cpu(), torch.cat(masks).cpu()
+    if cache:
+        torch.save({"captions": want, "features": feats, "mask": masks, "encoder": encoder}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    return feats, masks

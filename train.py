@@ -36,6 +36,7 @@ import flow
 from model import MODELS, convert_official, load_weights
 from samplers import guided, sample
 from sample import save_grid
+from text_encoder import caption_features
 
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 PEAK_FLOPS = 686e12  # bf16 dense matmul rate measured on an H100 (8192^3); the MFU reference
@@ -58,25 +59,36 @@ def center_crop_adm(img, size):
 
 
 class ImageFolder(Dataset):
-    """One subfolder per class. Items are (uint8 CHW image, label, number of unreadable files
-    skipped to produce it). Any PIL mode is converted to RGB; a corrupt file is replaced by the
-    next readable one with a warning, so a bad file never stops a run."""
+    """One subfolder per class, or (captions=True) any images that have a same-named .txt caption.
+    Items are (uint8 CHW image, label or caption index, number of unreadable files skipped to
+    produce it). `classes` lists the class names, or the distinct captions. Any PIL mode is
+    converted to RGB; a corrupt file is replaced by the next readable one with a warning."""
 
-    def __init__(self, root, size):
+    def __init__(self, root, size, captions=False):
         if not os.path.isdir(root):
             raise SystemExit(f"--data-path {root!r} is not a directory")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files, self.labels = [], []
-        for label, cls in enumerate(self.classes):
-            for dirpath, _, names in sorted(os.walk(os.path.join(root, cls))):
-                for name in sorted(names):
-                    if name.lower().endswith(IMG_EXTS):
-                        self.files.append(os.path.join(dirpath, name))
-                        self.labels.append(label)
+        self.size, self.files, names = size, [], []
+        for dirpath, _, files in sorted(os.walk(root)):
+            for f in sorted(files):
+                path = os.path.join(dirpath, f)
+                txt = os.path.splitext(path)[0] + ".txt"
+                if not f.lower().endswith(IMG_EXTS) or (captions and not os.path.exists(txt)):
+                    continue
+                if captions:
+                    with open(txt, encoding="utf-8") as fh:
+                        names.append(fh.read().strip())
+                elif dirpath != root:  # the class is the top-level subfolder
+                    names.append(os.path.relpath(dirpath, root).split(os.sep)[0])
+                else:
+                    continue
+                self.files.append(path)
         if not self.files:
-            raise SystemExit(f"--data-path {root!r} holds no images in class subfolders "
-                             f"(expected {root}/<class>/<image>{IMG_EXTS[0]})")
-        self.size = size
+            raise SystemExit(f"--data-path {root!r} holds no images " + (
+                "with same-named .txt captions" if captions else
+                f"in class subfolders (expected {root}/<class>/<image>{IMG_EXTS[0]})"))
+        self.classes = sorted(set(names))
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.labels = [index[n] for n in names]
 
     def __len__(self):
         return len(self.files)
@@ -104,7 +116,8 @@ class ArrayDataset(Dataset):
     def __init__(self, path):
         self.images = np.load(path, mmap_mode="r")
         self.labels = np.load(path[: -len(".npy")] + ".labels.npy")
-        self.classes = [str(c) for c in range(int(self.labels.max()) + 1)]
+        with open(path[: -len(".npy")] + ".classes.json") as f:
+            self.classes = json.load(f)
 
     def __len__(self):
         return len(self.images)
@@ -126,6 +139,8 @@ def cache_dataset(dataset, path, num_workers):
         i += len(x)
     images.flush()
     np.save(path[: -len(".npy")] + ".labels.npy", labels)
+    with open(path[: -len(".npy")] + ".classes.json", "w") as f:
+        json.dump(dataset.classes, f)
     os.replace(tmp, path)
 
 
@@ -216,8 +231,12 @@ def newest_run(results_dir):
     return os.path.join(results_dir, runs[-1]) if runs else None
 
 
-def model_config(args, num_classes):
-    kwargs = dict(num_classes=num_classes, head=args.head)
+def model_config(args, num_classes, text_dim=None):
+    kwargs = dict(head=args.head)
+    if text_dim:
+        kwargs.update(text_dim=text_dim, text_len=args.text_len)
+    else:
+        kwargs.update(num_classes=num_classes)
     for k in ("encoding", "nerf_norm", "nerf_width", "nerf_depth", "patch_size"):
         if getattr(args, k) is not None:
             kwargs[k] = getattr(args, k)
@@ -230,8 +249,9 @@ def count_flops(config, image_size):
     with torch.device("meta"):
         m = MODELS[config["name"]](**config["kwargs"])
         x = torch.empty(1, 3, image_size, image_size)
+        y = torch.zeros(1, dtype=torch.long) if m.text_dim is None else torch.empty(1, m.text_pos.shape[1], m.text_dim)
         with FlopCounterMode(display=False) as counter:
-            m(x, torch.empty(1), torch.zeros(1, dtype=torch.long))
+            m(x, torch.empty(1), y)
     return counter.get_total_flops()
 
 
@@ -310,23 +330,44 @@ def main(args):
 
     # ---- data (every error before any GPU work)
     size = args.image_size
+    t2i = bool(args.text_encoder or args.text_cache)
+    with torch.device("meta"):
+        if t2i != (MODELS[args.model]().text_dim is not None):
+            raise SystemExit(f"--model {args.model} is a " + ("text-to-image model: give --text-encoder PATH"
+                             if not t2i else "class-conditional model: use a T2I model with --text-encoder"))
     if args.data_path:
         if args.cache:
             if not os.path.exists(args.cache) and rank == 0:
-                cache_dataset(ImageFolder(args.data_path, size), args.cache, args.num_workers)
+                cache_dataset(ImageFolder(args.data_path, size, t2i), args.cache, args.num_workers)
             if ddp:
                 dist.barrier()
             dataset = ArrayDataset(args.cache)
         else:
-            dataset = ImageFolder(args.data_path, size)
+            dataset = ImageFolder(args.data_path, size, t2i)
     else:
         dataset = Shapes(size)
     if args.hflip:
         dataset = Flipped(dataset)
     num_classes = len(dataset.classes)
+    if t2i:  # official t2i recipe (spec Sec. 7.5); the time shift scales with resolution: 2 at 256
+        for k, v in dict(beta2=0.95, grad_clip=1.0, t_shift=size / 128).items():
+            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+        feats, masks = caption_features(dataset.classes, args.text_encoder, args.text_len, args.text_cache,
+                                        device)  # (captions + 1, L, d): the last row is ""
+    args.beta2 = 0.999 if args.beta2 is None else args.beta2
+    args.t_shift = 1.0 if args.t_shift is None else args.t_shift
+
+    def condition(y):
+        """Labels on the device, or the (features, mask) of caption indices y (-1: the empty prompt)."""
+        if not t2i:
+            return y.to(device, non_blocking=True)
+        f = feats[y].to(device, non_blocking=True).float()
+        return (f, masks[y].to(device, non_blocking=True)) if args.text_mask else f
+
+    null = condition(torch.tensor([-1])) if t2i else num_classes
 
     # ---- model, EMA, REPA, optimizer
-    config = ckpt["model_config"] if ckpt else model_config(args, num_classes)
+    config = ckpt["model_config"] if ckpt else model_config(args, num_classes, t2i and feats.shape[-1])
     model = MODELS[config["name"]](**config["kwargs"]).to(device)
     if args.init_from and not ckpt:
         src = torch.load(args.init_from, map_location="cpu", weights_only=True)
@@ -378,8 +419,9 @@ def main(args):
 
     # fixed noise and labels for the EMA sample grids
     g = torch.Generator().manual_seed(args.seed)
-    grid_y = torch.arange(min(num_classes, 8)).repeat_interleave(4).to(device)
+    grid_y = torch.arange(min(num_classes, 8)).repeat_interleave(4)
     grid_noise = torch.randn(len(grid_y), 3, size, size, generator=g).to(device)
+    grid_y, grid_null = condition(grid_y), condition(torch.full_like(grid_y, -1 if t2i else num_classes))
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
     gen = torch.Generator(device)
 
@@ -397,14 +439,14 @@ def main(args):
             x, y, bad = next(batches)
             bad_total += int(bad.sum())
             x = x.to(device, non_blocking=True).float() / 127.5 - 1   # [-1, 1]
-            y = y.to(device, non_blocking=True)
+            y = condition(y)
             target = None
             if encoder is not None:
                 with torch.no_grad(), autocast:
                     target = repa_target(encoder, x, size // model.patch_size, size // model.patch_size)
             sync = micro == args.grad_accum - 1 or not ddp
             with (nullcontext() if sync else train_obj.no_sync()), autocast:
-                losses = train_obj(x, y, null=num_classes, p_uncond=args.p_uncond, t_shift=args.t_shift,
+                losses = train_obj(x, y, null=null, p_uncond=args.p_uncond, t_shift=args.t_shift,
                                    repa_target=target, repa_weight=args.repa_weight, generator=gen)
                 (losses["loss"] / args.grad_accum).backward()
             for k, v in losses.items():
@@ -442,7 +484,7 @@ def main(args):
 
         if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
             with autocast:
-                fn = guided(ema, grid_y, torch.full_like(grid_y, num_classes), args.sample_cfg, (0.1, 1.0))
+                fn = guided(ema, grid_y, grid_null, args.sample_cfg, (0.1, 1.0))
                 imgs = sample(fn, grid_noise, args.sample_steps, "euler")
             save_grid(imgs.float(), os.path.join(run_dir, f"samples-{step:07d}.png"), nrow=4)
         if rank == 0 and (step % args.ckpt_every == 0 or step == args.max_steps):
@@ -489,12 +531,19 @@ def get_parser():
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None, help="total steps of the run, resumes included")
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--beta2", type=float, default=None, help="default 0.999 (t2i: 0.95)")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--grad-clip", type=float, default=None, help="default none (t2i: 1.0)")
     p.add_argument("--ema-decay", type=float, default=None)
     p.add_argument("--p-uncond", type=float, default=0.1, help="label dropout for CFG")
-    p.add_argument("--t-shift", type=float, default=1.0, help="time shift of the lognorm t (t2i: 2 at 256)")
+    p.add_argument("--t-shift", type=float, default=None,
+                   help="time shift of the lognorm t; default 1 (t2i: image size / 128, so 2 at 256)")
+    p.add_argument("--text-encoder", default=None,
+                   help="text-to-image: a local HF model directory or .gguf file; data = images with .txt captions")
+    p.add_argument("--text-cache", default=None, help="a .pt file of precomputed caption features (read or written)")
+    p.add_argument("--text-len", type=int, default=128, help="text tokens (padded or truncated)")
+    p.add_argument("--text-mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="pass the text padding mask to attention (--no-text-mask: the official behaviour)")
     p.add_argument("--repa-encoder", default=None, help="local DINOv2 ViT-B/14 checkpoint (dinov2_vitb14_pretrain.pth)")
     p.add_argument("--repa-weight", type=float, default=0.5)
     p.add_argument("--log-every", type=int, default=None)
