@@ -141,7 +141,7 @@ def main(args):
             f, m = feats[rows].repeat_interleave(n, 0).to(device).float(), masks[rows].repeat_interleave(n, 0).to(device)
             return (f, m) if use_mask else f
 
-        per = args.images_per_prompt
+        per = args.images_per_condition or 4
         if args.prompts:  # GenEval's layout: <dir>/<index>/metadata.jsonl and samples/<seed>.png, seeds 0..
             out_dir = args.sample_dir or os.path.splitext(args.prompts)[0] + "-samples"
             for i in tqdm(range(rank, len(prompts), world), disable=rank != 0):
@@ -161,11 +161,12 @@ def main(args):
         return
 
     if not args.num_samples:  # one grid
-        labels = torch.tensor(args.class_labels or list(range(min(nc, 8))))
+        per = args.images_per_condition or 1
+        labels = torch.tensor(args.class_labels or list(range(min(nc, 8)))).repeat_interleave(per)
         y = labels.to(device)
         x = generate(y, torch.full_like(y, nc), [args.seed * 1_000_003 + i for i in range(len(labels))])
         if rank == 0:
-            save_grid(x, args.out, nrow=min(len(labels), 8))
+            save_grid(x, args.out, nrow=per if per > 1 else min(len(labels), 8))
             print(f"saved {args.out}")
         return
 
@@ -180,6 +181,8 @@ def main(args):
         y = labels.to(device)
         imgs = to_uint8(generate(y, torch.full_like(y, nc), [args.seed * 1_000_003 + i for i in idx])).numpy()
         for i, img in zip(idx, imgs):  # write-then-rename: a killed run leaves no half PNG
+            if os.path.exists(f"{out_dir}/{i:06d}.png"):
+                continue  # an earlier run wrote it: a rerun writes only the missing images
             Image.fromarray(img).save(f"{out_dir}/{i:06d}.tmp.png")
             os.replace(f"{out_dir}/{i:06d}.tmp.png", f"{out_dir}/{i:06d}.png")
     if ddp:
@@ -205,7 +208,8 @@ def get_parser():
     p.add_argument("--shift", type=float, default=None, help="default 1 (t2i: 3)")
     p.add_argument("--prompt", action="append", help="text-to-image: a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="a file of prompts, one per line, or GenEval's .jsonl")
-    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--images-per-condition", type=int, default=None,
+                   help="grid: images per class label (default 1) or per prompt (default 4), one row each")
     p.add_argument("--text-encoder", default=None, help="default: the one the checkpoint was trained with")
     p.add_argument("--text-cache", default=None, help="precomputed prompt features (.pt), default the training one")
     p.add_argument("--class-labels", type=int, nargs="+", default=None)
