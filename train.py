@@ -104,7 +104,7 @@ class ImageFolder(Dataset):
         for bad in range(len(self)):
             j = (i + bad) % len(self)
             try:
-                return torch.from_numpy(self.load(j).copy()).permute(2, 0, 1), self.labels[i], bad
+                return torch.from_numpy(self.load(j).copy()).permute(2, 0, 1), self.labels[j], bad
             except Exception as e:  # truncated, corrupt, not an image at all
                 warnings.warn(f"skipping unreadable image {self.files[j]}: {e}")
         raise RuntimeError("no readable image in the dataset")
@@ -128,7 +128,8 @@ class ArrayDataset(Dataset):
 
 def cache_dataset(dataset, path, num_workers):
     """Decode and crop every image once into a uint8 array file (written atomically)."""
-    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers,
+                        generator=torch.Generator())  # leaves the global RNG, so the model init, alone
     n, s = len(dataset), dataset.size
     tmp = path + ".tmp.npy"
     images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
@@ -324,7 +325,7 @@ def main(args):
         run_dir = box[0]
 
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(message)s",
-                        handlers=[logging.StreamHandler(sys.stdout)] +
+                        force=True, handlers=[logging.StreamHandler(sys.stdout)] +
                         ([logging.FileHandler(os.path.join(run_dir, "log.txt"))] if rank == 0 else []))
     log = logging.getLogger("train")
 
@@ -461,7 +462,7 @@ def main(args):
         seen += args.global_batch_size
         bar.update(1)
 
-        if step % args.log_every == 0 or step == args.max_steps:
+        if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps:  # checked before a save
             row = {k: v.item() / n_steps for k, v in stats.items()}
             if ddp:
                 vals = torch.tensor(list(row.values()), device=device)
