@@ -114,7 +114,8 @@ def main():
     p.add_argument("--model", nargs="+", choices=list(MODELS), default=["L/16"])
     p.add_argument("--head", nargs="+", choices=["nerf", "linear"], default=["nerf"])
     p.add_argument("--batch-size", nargs="+", type=int, default=[32, 64])
-    p.add_argument("--compile", nargs="+", choices=["none", "regions", "full", "graphs"], default=["regions"])
+    p.add_argument("--compile", nargs="+", choices=["none", "regions", "full", "graphs"],
+                   default=["regions" if torch.cuda.is_available() else "none"])
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)

@@ -321,7 +321,9 @@ def _npy_header(f):
 
 
 def stats_path(path):
-    return os.path.splitext(path.rstrip("/\\"))[0] + ".stats.npz"
+    """X.npz -> X.stats.npz; a folder X/ -> X.folder.stats.npz (sample.py writes both X/ and X.npz)."""
+    path = path.rstrip("/\\")
+    return path + ".folder.stats.npz" if os.path.isdir(path) else os.path.splitext(path)[0] + ".stats.npz"
 
 
 def load_stats(path, get_model, batch_size=64, device="cpu"):

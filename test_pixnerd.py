@@ -5,15 +5,21 @@ Spec sections (Sec. x) refer to the official implementation notes; testdata/READ
 the golden vectors come from.
 """
 import functools
+import io
 import gzip
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import re
+import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import textwrap
 
 from PIL import Image
 import numpy as np
@@ -28,6 +34,7 @@ from nerf_head import NerfHead, coordinate_encoding
 from text_encoder import TextEncoder, load_text_encoder
 import fid
 import flow
+
 import samplers
 
 TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
@@ -866,7 +873,7 @@ def test_image_folder_gives_the_npz_activations(tmp_path):
     from_folder = fid.load_stats(str(folder), lambda: TinyNet(), batch_size=2)
     from_npz = fid.load_stats(str(tmp_path / "same.npz"), lambda: TinyNet(), batch_size=2)
     np.testing.assert_array_equal(from_folder["acts"], from_npz["acts"])
-    assert os.path.isfile(tmp_path / "pngs.stats.npz")
+    assert os.path.isfile(tmp_path / "pngs.folder.stats.npz")
 
 
 def test_cli_prints_table(monkeypatch, tmp_path, capsys):
@@ -891,12 +898,12 @@ def test_cli_prints_table(monkeypatch, tmp_path, capsys):
 # dinov2.py: the REPA target network
 # =============================================================================================
 
-TINY = dict(embed_dim=32, depth=2, num_heads=4, patch_size=14, img_size=14 * 8)  # an 8x8 position table
+DINO_TINY = dict(embed_dim=32, depth=2, num_heads=4, patch_size=14, img_size=14 * 8)  # an 8x8 position table
 
 
 def tiny(seed=0):
     torch.manual_seed(seed)
-    model = DINOv2(**TINY)
+    model = DINOv2(**DINO_TINY)
     with torch.no_grad():  # zeros/ones at init would hide layout mistakes
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
@@ -956,7 +963,7 @@ def test_load_round_trip_strict_and_frozen(tmp_path):
     sd = model.state_dict()
     path = tmp_path / "plain.pth"
     torch.save(sd, path)
-    loaded = load_dinov2(str(path), **TINY)
+    loaded = load_dinov2(str(path), **DINO_TINY)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, sd[k]), k
@@ -967,7 +974,7 @@ def test_load_round_trip_strict_and_frozen(tmp_path):
     torch.save(wrapped, tmp_path / "teacher.pth")
     torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "ddp.pth")
     for name in ("teacher.pth", "ddp.pth"):
-        assert torch.equal(load_dinov2(str(tmp_path / name), **TINY).pos_embed, sd["pos_embed"])
+        assert torch.equal(load_dinov2(str(tmp_path / name), **DINO_TINY).pos_embed, sd["pos_embed"])
 
 
 def test_missing_file_names_the_flag(tmp_path):
@@ -982,10 +989,10 @@ def test_wrong_layout_names_a_bad_key(tmp_path):
     renamed = {k.replace("ls1.gamma", "gamma_1"): v for k, v in sd.items()}  # an old DeiT-style name
     torch.save(renamed, tmp_path / "renamed.pth")
     with pytest.raises(ValueError, match=r"blocks\.0\.gamma_1|blocks\.0\.ls1\.gamma"):
-        load_dinov2(str(tmp_path / "renamed.pth"), **TINY)
-    torch.save(DINOv2(**{**TINY, "img_size": 14 * 6}).state_dict(), tmp_path / "grid.pth")
+        load_dinov2(str(tmp_path / "renamed.pth"), **DINO_TINY)
+    torch.save(DINOv2(**{**DINO_TINY, "img_size": 14 * 6}).state_dict(), tmp_path / "grid.pth")
     with pytest.raises(ValueError, match=r"'pos_embed' is shape \(1, 37, 32\), expected \(1, 65, 32\)"):
-        load_dinov2(str(tmp_path / "grid.pth"), **TINY)
+        load_dinov2(str(tmp_path / "grid.pth"), **DINO_TINY)
 
 
 def test_repa_target_shape_and_normalisation():
@@ -1288,3 +1295,522 @@ def test_emoji_missing_font_names_apt_line(tmp_path):
     with pytest.raises(SystemExit, match="apt-get install fonts-noto-color-emoji unicode-data"):
         emoji.main(["--font", str(tmp_path / "none.ttf"), "--emoji-test", str(tmp_path / "none.txt"),
                     "--out", str(tmp_path / "out")])
+
+
+# =============================================================================================
+# train.py, sample.py, fid.py end to end, bench.py
+# =============================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench  # noqa: E402
+import fid  # noqa: E402
+import flow  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+
+TINY = ["--model", "XS/16", "--image-size", "32", "--num-workers", "0", "--sample-steps", "2", "--no-compile"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def train_args(results, *extra):
+    return train.get_parser().parse_args([*TINY, "--results-dir", str(results), *map(str, extra)])
+
+
+def run_train(results, *extra):
+    """train.main in this process; returns the run folder."""
+    return train.main(train_args(results, *extra))
+
+
+def run_sample(*argv):
+    sample.main(sample.get_parser().parse_args([*map(str, argv)]))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(script, *argv, cwd, nproc=1, env=None, rc=0):
+    """Run one of our scripts as a user would, with `torchrun --nproc_per_node=nproc` when nproc > 1."""
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    cmd += [os.path.join(HERE, script), *map(str, argv)]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}, **(env or {})}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == rc, f"{' '.join(cmd)} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_same_opt(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        assert_same_tensors(a["state"][i], b["state"][i])
+
+
+def png_size(path):
+    with Image.open(path) as img:
+        return img.size  # (W, H)
+
+
+def grid_size(n, nrow, size):
+    """(W, H) of sample.save_grid's PNG: 2 px borders around each image."""
+    rows = -(-n // nrow)
+    return nrow * (size + 2) + 2, rows * (size + 2) + 2
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step XS/16 run on the built-in data: (run folder, its ckpt-last.pt)."""
+    run_dir = run_train(tmp_path_factory.mktemp("trained"), "--global-batch-size", 4, "--max-steps", 4,
+                        "--log-every", 1)
+    return run_dir, os.path.join(run_dir, "ckpt-last.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py
+# ---------------------------------------------------------------------------------------------
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    results = tmp_path / "results"
+    cli("train.py", *TINY, "--results-dir", results, "--global-batch-size", 4, "--max-steps", 3,
+        "--log-every", 1, cwd=tmp_path, nproc=2)
+    runs = os.listdir(results)
+    assert runs == ["000-XS-16"]  # rank 1 made no run folder of its own
+    run_dir = results / runs[0]
+    assert {"ckpt-last.pt", "metrics.jsonl", "args.json", "log.txt"} <= set(os.listdir(run_dir))
+    grids = sorted(p for p in os.listdir(run_dir) if p.startswith("samples-"))
+    assert grids == ["samples-0000003.png"]
+    assert png_size(run_dir / grids[0]) == grid_size(6 * 4, 4, 32)  # 6 classes x 4 images
+    ckpt = load_ckpt(run_dir / "ckpt-last.pt")
+    assert ckpt["step"] == 3 and ckpt["args"]["global_batch_size"] == 4
+    assert [row["step"] for row in metrics(run_dir)] == [1, 2, 3]
+    with open(run_dir / "args.json") as f:
+        assert json.load(f)["max_steps"] == 3
+    with open(run_dir / "log.txt") as f:
+        assert f"done: 3 steps in {run_dir}" in f.read()
+
+
+def test_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ("--global-batch-size", 4, "--log-every", 1, "--ckpt-every", 100)
+    run_a = run_train(tmp_path / "a", *common, "--max-steps", 6)
+    run_b = run_train(tmp_path / "b", *common, "--max-steps", 3)
+    # interrupted at step 3, continued in a new process by the short command a user types
+    cli("train.py", "--resume", "--results-dir", tmp_path / "b", "--max-steps", 6, cwd=tmp_path)
+    run_c = run_train(tmp_path / "c", *common, "--max-steps", 3)
+    run_train(tmp_path / "elsewhere", "--resume", run_c, "--max-steps", 6)  # the run folder given explicitly
+    assert not os.path.exists(tmp_path / "elsewhere")
+
+    a = metrics(run_a)
+    assert [row["step"] for row in a] == list(range(1, 7))
+    final_a = load_ckpt(os.path.join(run_a, "ckpt-last.pt"))
+    for run in (run_b, run_c):
+        rows = metrics(run)
+        assert [row["step"] for row in rows] == list(range(1, 7))
+        for ra, rb in zip(a, rows):
+            assert (ra["loss"], ra["fm"], ra["grad_norm"]) == (rb["loss"], rb["fm"], rb["grad_norm"]), ra["step"]
+        final = load_ckpt(os.path.join(run, "ckpt-last.pt"))
+        assert final["step"] == 6
+        assert_same_tensors(final["model"], final_a["model"])
+        assert_same_tensors(final["ema"], final_a["ema"])
+        assert_same_opt(final["opt"], final_a["opt"])
+    # every run, in-process ones included, logs to its own log.txt and to no other
+    for run, resumed in ((run_a, False), (run_b, True), (run_c, True)):
+        with open(os.path.join(run, "log.txt")) as f:
+            log = f.read()
+        assert log.count("done: ") == 1 + resumed and f"done: 6 steps in {run}" in log
+        assert (f"resumed {run} at step 3" in log) == resumed
+
+
+KILLER = textwrap.dedent("""
+    # Trains with train.py, but the 2nd checkpoint write is cut after half its bytes by SIGKILL.
+    import io, os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    import train
+    real_save, calls = torch.save, []
+
+    def torn_save(obj, f, *args, **kwargs):
+        assert sys._getframe(1).f_code.co_name == "save_atomic"
+        calls.append(obj["step"])
+        if len(calls) == 2:
+            buf = io.BytesIO()
+            real_save(obj, buf, *args, **kwargs)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_save(obj, f, *args, **kwargs)
+
+    torch.save = torn_save
+    train.main(train.get_parser().parse_args(sys.argv[2:]))
+""")
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    results = tmp_path / "results"
+    argv = [*TINY, "--results-dir", str(results), "--global-batch-size", "4", "--max-steps", "4",
+            "--log-every", "1", "--ckpt-every", "1"]
+    r = subprocess.run([sys.executable, str(script), HERE, *argv], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    run_dir = results / "000-XS-16"
+    torn = [p for p in os.listdir(run_dir) if p.startswith("ckpt-last.pt.tmp")]
+    assert len(torn) == 1  # the kill did land inside the write
+    with pytest.raises(Exception):
+        load_ckpt(run_dir / torn[0])
+    ckpt = load_ckpt(run_dir / "ckpt-last.pt")
+    assert ckpt["step"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+    cli("train.py", "--resume", "--results-dir", results, cwd=tmp_path)  # max_steps 4 from the checkpoint
+    resumed = load_ckpt(run_dir / "ckpt-last.pt")
+    assert resumed["step"] == 4
+    assert not [f for f in os.listdir(run_dir) if ".pt.tmp" in f]  # the torn write is cleaned up
+    steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")]
+    assert steps == sorted(set(steps))  # no step logged twice across the kill
+    uninterrupted = run_train(tmp_path / "ref", *argv[len(TINY) + 2:])
+    assert_same_tensors(resumed["model"], load_ckpt(os.path.join(uninterrupted, "ckpt-last.pt"))["model"])
+
+
+def write_image(path, img, **kw):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, **kw)
+
+
+def messy_folder(root):
+    """Two classes; in class a: random bytes named .png, L, P, RGBA, and a truncated JPEG last (its
+    replacement comes from class b); in class b: CMYK JPEG, a 5x7 image and a plain RGB JPEG."""
+    rng = np.random.default_rng(0)
+    os.makedirs(root / "a")
+    (root / "a" / "0_corrupt.png").write_bytes(rng.bytes(500))
+    write_image(root / "a" / "1_gray.png", Image.new("L", (40, 30), 100))
+    write_image(root / "a" / "2_palette.png",
+                Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).convert("P", palette=Image.ADAPTIVE))
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent: must come out white
+    write_image(root / "a" / "3_rgba.png", Image.fromarray(rgba, "RGBA"))
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "a" / "4_truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    write_image(root / "b" / "0_cmyk.jpg", Image.new("CMYK", (40, 60), (0, 200, 200, 0)), format="JPEG")
+    write_image(root / "b" / "1_tiny.png", Image.new("RGB", (5, 7), (10, 20, 30)))
+    write_image(root / "b" / "2_rgb.jpg", Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)))
+    return root
+
+
+def test_messy_image_folder_trains_and_reports_skipped(tmp_path):
+    data = messy_folder(tmp_path / "data")
+    ds = train.ImageFolder(str(data), 32)
+    assert ds.classes == ["a", "b"] and len(ds) == 8
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        items = [ds[i] for i in range(len(ds))]
+    bad = [b for _, _, b in items]
+    assert bad == [1, 0, 0, 0, 1, 0, 0, 0]  # the random bytes and the truncated JPEG
+    for i, (x, y, b) in enumerate(items):
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+        assert y == ds.labels[i + b]  # a replacement image keeps its own label
+    assert torch.equal(items[0][0], items[1][0]) and torch.equal(items[4][0], items[5][0])
+    assert (items[1][0] == 100).all()  # L -> RGB
+    assert (items[3][0] == 255).all()  # transparent pixels composited on white
+    assert (items[6][0] == torch.tensor([10, 20, 30]).view(3, 1, 1)).all()  # 5x7 upscaled
+
+    results = tmp_path / "results"
+    r = cli("train.py", *TINY, "--data-path", data, "--results-dir", results, "--global-batch-size", 4,
+            "--max-steps", 3, "--log-every", 1, cwd=tmp_path)
+    assert "skipping unreadable image" in r.stderr
+    run_dir = results / "000-XS-16"
+    rows = metrics(run_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3] and rows[-1]["skipped_images"] > 0
+    with open(run_dir / "log.txt") as f:
+        assert f"skipped_images {rows[-1]['skipped_images']}" in f.read()
+    ckpt = load_ckpt(run_dir / "ckpt-last.pt")
+    assert ckpt["model_config"]["kwargs"]["num_classes"] == 2 and ckpt["step"] == 3
+    assert png_size(run_dir / "samples-0000003.png") == grid_size(2 * 4, 4, 32)
+
+
+def no_checkpoint_under(results):
+    return not any("ckpt" in name for _, _, names in os.walk(results) for name in names)
+
+
+@pytest.mark.parametrize("make", ["empty", "missing"])
+def test_bad_data_path_is_one_clear_error(tmp_path, make):
+    data = tmp_path / "data"
+    if make == "empty":
+        data.mkdir()
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path / "results", "--data-path", data, "--global-batch-size", 4, "--max-steps", 2)
+    assert isinstance(err.value.code, str) and "--data-path" in err.value.code and str(data) in err.value.code
+    assert no_checkpoint_under(tmp_path / "results")
+
+
+def test_resume_with_another_model_names_both(trained, tmp_path):
+    run_dir, ckpt = trained
+    before = os.stat(ckpt).st_mtime_ns
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path, "--resume", run_dir, "--model", "S/16")
+    assert "XS/16" in err.value.code and "S/16" in err.value.code.replace("XS/16", "")
+    with pytest.raises(SystemExit, match="--resume: no checkpoint found"):
+        run_train(tmp_path / "nothing", "--resume")
+    assert os.stat(ckpt).st_mtime_ns == before
+
+
+@pytest.mark.parametrize("log_every", [1, 4])  # 4: the NaN step is a checkpoint step but not a logging step
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, log_every):
+    real, calls = flow.training_losses, []
+
+    def poisoned(*args, **kwargs):  # finite for 2 steps, then NaN (still differentiable)
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return {k: v * float("nan") for k, v in out.items()} if len(calls) > 2 else out
+
+    monkeypatch.setattr(flow, "training_losses", poisoned)
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path, "--global-batch-size", 4, "--max-steps", 8, "--log-every", log_every,
+                  "--ckpt-every", 1)
+    assert "step 3: loss or gradient is not finite" in err.value.code and "intact" in err.value.code
+    ckpt = load_ckpt(tmp_path / "000-XS-16" / "ckpt-last.pt")
+    assert ckpt["step"] == 2
+    for part in ("model", "ema"):
+        assert all(torch.isfinite(v).all() for v in ckpt[part].values()), part
+
+
+def test_builtin_data_loss_drops(tmp_path):
+    run_dir = run_train(tmp_path, "--global-batch-size", 8, "--max-steps", 200, "--log-every", 1)
+    losses = [row["loss"] for row in metrics(run_dir)]
+    assert len(losses) == 200
+    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    assert last < 0.8 * first, (first, last)  # measured: 1.43 -> 0.85
+
+
+def test_init_from_takes_ema_weights_and_rejects_other_size(trained, tmp_path):
+    _, src_path = trained
+    src = load_ckpt(src_path)
+    assert any(not torch.equal(src["model"][k], src["ema"][k]) for k in src["ema"])  # EMA != online weights
+    # lr 0: one step leaves the weights where --init-from put them
+    run_dir = run_train(tmp_path, "--init-from", src_path, "--lr", 0, "--global-batch-size", 2, "--max-steps", 1)
+    new = load_ckpt(os.path.join(run_dir, "ckpt-last.pt"))
+    assert new["step"] == 1
+    assert_same_tensors(new["model"], src["ema"])
+    assert_same_tensors(new["ema"], src["ema"])
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path, "--init-from", src_path, "--model", "S/16", "--global-batch-size", 2, "--max-steps", 1)
+    assert "--init-from" in err.value.code and "S/16" in err.value.code
+
+
+def test_adm_center_crop_known_images():
+    s = 16
+    # 4s x 2s (W x H): one 2x box downsample to 2s x s, no resize, centre columns s/2 .. 3s/2
+    y, x = np.mgrid[0:2 * s, 0:4 * s]
+    img = np.stack([4 * y, 2 * x, np.full_like(x, 50)], -1).astype(np.uint8)  # R vertical, G horizontal
+    out = train.center_crop_adm(Image.fromarray(img), s)
+    assert out.shape == (s, s, 3) and out.dtype == np.uint8
+    yy, xx = np.mgrid[0:s, 0:s]
+    np.testing.assert_array_equal(out[..., 0], 8 * yy + 2)  # mean of rows 2y, 2y+1
+    np.testing.assert_array_equal(out[..., 1], 4 * (xx + s // 2) + 1)  # mean of columns, centre crop
+    assert (out[..., 2] == 50).all()
+    # 5s x 2.5s: box to 2.5s x 1.25s, then bicubic x0.8 (a linear ramp stays linear inside), then crop
+    y, x = np.mgrid[0:40, 0:80]
+    img = np.stack([2 * y, np.zeros_like(y), np.zeros_like(y)], -1).astype(np.uint8)
+    out = train.center_crop_adm(Image.fromarray(img), s)
+    assert out.shape == (s, s, 3)
+    # box: row y' = 4y' + 1; bicubic output row r samples source row (r + 0.5) / 0.8 - 0.5
+    expected = 4 * ((np.arange(s) + 0.5) / 0.8 - 0.5) + 1
+    assert (out[..., 0] == out[:, :1, 0]).all()  # constant along each row
+    np.testing.assert_allclose(out[3:-3, 0, 0], expected[3:-3], atol=1)
+
+
+def clean_folder(root):
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate([(80, 50), (33, 70), (20, 20), (64, 64), (100, 40), (32, 32), (48, 31), (90, 90)]):
+        write_image(root / "ab"[i % 2] / f"{i}.png", Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    return root
+
+
+def test_cache_gives_the_same_batches_as_the_folder(tmp_path):
+    data = clean_folder(tmp_path / "data")
+    cache = str(tmp_path / "cache.npy")
+    folder = train.ImageFolder(str(data), 32)
+    train.cache_dataset(folder, cache, 0)
+    arr = np.load(cache)
+    assert arr.dtype == np.uint8 and arr.shape == (8, 32, 32, 3)
+    cached = train.ArrayDataset(cache)
+    assert cached.classes == folder.classes == ["a", "b"]
+
+    def batches(ds):
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=train.ResumableSampler(len(ds), 0, 1, 0, 5))
+        return [b for b, _ in zip(loader, range(5))]
+
+    for (xa, ya, _), (xb, yb, _) in zip(batches(folder), batches(cached)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+    # and through train.py: identical losses step by step and identical weights
+    common = ("--data-path", data, "--global-batch-size", 4, "--max-steps", 3, "--log-every", 1)
+    run_f = run_train(tmp_path / "f", *common)
+    run_c = run_train(tmp_path / "c", *common, "--cache", tmp_path / "new_cache.npy")
+    assert os.path.isfile(tmp_path / "new_cache.npy") and os.path.isfile(tmp_path / "new_cache.labels.npy")
+    assert [r["loss"] for r in metrics(run_f)] == [r["loss"] for r in metrics(run_c)]
+    assert_same_tensors(load_ckpt(os.path.join(run_f, "ckpt-last.pt"))["model"],
+                        load_ckpt(os.path.join(run_c, "ckpt-last.pt"))["model"])
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py
+# ---------------------------------------------------------------------------------------------
+
+def test_sample_grid_and_newest_checkpoint(trained, tmp_path):
+    _, ckpt = trained
+    cli("sample.py", "--ckpt", ckpt, "--steps", 2, "--out", tmp_path / "grid.png", cwd=tmp_path)
+    assert png_size(tmp_path / "grid.png") == grid_size(6, 6, 32)
+
+    # without --ckpt: the newest run folder that holds a checkpoint
+    results = tmp_path / "results"
+    for run in ("000-XS-16", "001-XS-16", "002-XS-16"):
+        os.makedirs(results / run)
+    shutil.copy(ckpt, results / "000-XS-16" / "ckpt-last.pt")
+    other = load_ckpt(ckpt)
+    other["ema"] = other["model"]  # different weights, so different images
+    torch.save(other, results / "001-XS-16" / "ckpt-last.pt")  # 002 is a run that died before its first one
+    shutil.copy(ckpt, results / "001-XS-16" / "ckpt-0000002.pt")  # an older milestone of run 001
+    os.utime(results / "001-XS-16" / "ckpt-0000002.pt", (10 ** 9, 10 ** 9))
+    assert sample.newest_checkpoint(str(results)) == str(results / "001-XS-16" / "ckpt-last.pt")
+    for name, extra in (("auto", []), ("000", ["--ckpt", results / "000-XS-16" / "ckpt-last.pt"]),
+                        ("001", ["--ckpt", results / "001-XS-16" / "ckpt-last.pt"])):
+        run_sample("--results-dir", results, "--steps", 2, "--out", tmp_path / f"{name}.png", *extra)
+    read = lambda name: (tmp_path / f"{name}.png").read_bytes()  # noqa: E731
+    assert read("auto") == read("001") != read("000")
+
+    with pytest.raises(SystemExit) as err:
+        run_sample("--results-dir", tmp_path / "no_results", "--steps", 2, "--out", tmp_path / "x.png")
+    assert "python train.py" in err.value.code and "--ckpt" in err.value.code
+
+
+def test_sampling_is_the_same_for_one_and_two_processes(trained, tmp_path):
+    _, ckpt = trained
+    argv = ["--ckpt", ckpt, "--steps", 2, "--num-samples", 6, "--batch-size", 2]
+    env = {"OMP_NUM_THREADS": "1"}  # torchrun's default per process; same float order in both runs
+    cli("sample.py", *argv, "--sample-dir", tmp_path / "one", cwd=tmp_path, env=env)
+    cli("sample.py", *argv, "--sample-dir", tmp_path / "two", cwd=tmp_path, env=env, nproc=2)
+    for i in range(6):
+        assert (tmp_path / "one" / f"{i:06d}.png").read_bytes() == (tmp_path / "two" / f"{i:06d}.png").read_bytes(), i
+    assert sorted(os.listdir(tmp_path / "two")) == [f"{i:06d}.png" for i in range(6)]
+    a, b = np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"]
+    assert a.dtype == np.uint8 and a.shape == (6, 32, 32, 3)
+    np.testing.assert_array_equal(a, b)
+    assert len({a[i].tobytes() for i in range(6)}) == 6  # per-index noise: no two images alike
+
+
+def test_resumed_sampling_writes_only_missing_images(trained, tmp_path):
+    _, ckpt = trained
+    out = tmp_path / "samples"
+    argv = ["--ckpt", ckpt, "--steps", 2, "--num-samples", 6, "--batch-size", 2, "--sample-dir", out]
+    run_sample(*argv)
+    full = np.load(tmp_path / "samples.npz")["arr_0"]
+    names = [f"{i:06d}.png" for i in range(6)]
+    original = {n: (out / n).read_bytes() for n in names}
+    for n in names:
+        os.utime(out / n, ns=(10 ** 18, 10 ** 18))  # an old mtime: any rewrite shows
+    before = {n: (os.stat(out / n).st_ino, os.stat(out / n).st_mtime_ns) for n in names}
+    missing = ["000001.png", "000004.png"]  # one from batch (0, 1), one from batch (4, 5)
+    for n in missing:
+        os.remove(out / n)
+    os.remove(tmp_path / "samples.npz")
+    run_sample(*argv)
+    for n in names:
+        if n in missing:
+            assert (out / n).read_bytes() == original[n], n
+        else:
+            assert (os.stat(out / n).st_ino, os.stat(out / n).st_mtime_ns) == before[n], f"{n} was rewritten"
+    assert sorted(os.listdir(out)) == names  # no temporary files left
+    np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_0"], full)
+
+
+def test_sample_at_another_resolution(trained, tmp_path):
+    _, ckpt = trained
+    run_sample("--ckpt", ckpt, "--steps", 2, "--resolution", 64, 64, "--num-samples", 2, "--batch-size", 2,
+               "--sample-dir", tmp_path / "s")
+    assert png_size(tmp_path / "s" / "000000.png") == (64, 64)
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 64, 64, 3)
+    run_sample("--ckpt", ckpt, "--steps", 2, "--resolution", 64, 48, "--class-labels", 0, 1, "--out",
+               tmp_path / "g.png")
+    assert png_size(tmp_path / "g.png") == grid_size(2, 2, 48)[:1] + (64 + 4,)  # H 64, W 48
+
+
+# ---------------------------------------------------------------------------------------------
+# fid.py on sample.py's output
+# ---------------------------------------------------------------------------------------------
+
+class ChannelStats(torch.nn.Module):
+    """fid.InceptionV3's call signature with 3 cheap features (full-rank covariance from 6 images)."""
+
+    def forward(self, x):
+        pool = x.mean((2, 3))
+        return pool, x.std((2, 3)), pool * 3
+
+
+def test_fid_reads_sample_npz(trained, tmp_path, monkeypatch):
+    _, ckpt = trained
+    run_sample("--ckpt", ckpt, "--steps", 2, "--num-samples", 6, "--batch-size", 3, "--sample-dir", tmp_path / "s")
+    npz = str(tmp_path / "s.npz")
+    arr = np.load(npz)["arr_0"]
+    total, batches = fid.image_batches(npz, 4)
+    assert total == 2
+    np.testing.assert_array_equal(np.concatenate(list(batches)), arr)
+
+    # the real Inception when its weights are installed, else the same network with random weights
+    weights = next((p for p in fid.default_weight_paths() if os.path.isfile(p)), None)
+    net = fid.load_inception(weights) if weights else fid.InceptionV3().eval().requires_grad_(False)
+    shutil.copy(npz, tmp_path / "inception.npz")
+    stats = fid.load_stats(str(tmp_path / "inception.npz"), lambda: net, batch_size=6)
+    assert stats["acts"].shape == (6, 2048) and np.isfinite(stats["acts"]).all()
+    assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048)
+
+    # the CLI: sample.py's npz against a copy of its PNG folder (the same images) scores as identical
+    shutil.copytree(tmp_path / "s", tmp_path / "pngs")
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: ChannelStats())
+    results = fid.main([npz, str(tmp_path / "pngs"), "--device", "cpu", "--batch-size", "4"])
+    assert abs(results["FID"]) < 1e-6 and abs(results["sFID"]) < 1e-6
+    assert results["Precision"] == 1.0 and results["Recall"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py
+# ---------------------------------------------------------------------------------------------
+
+def test_bench_check_bf16_close_to_fp32():
+    err = bench.check("XS/16", 32, "none", torch.device("cpu"))["rel_err"]
+    assert 0 < err <= 1e-2  # > 0: autocast did run in bf16
+
+
+def test_bench_cli_prints_train_and_sample_rows(tmp_path):
+    r = cli("bench.py", "--model", "XS/16", "--image-size", 32, "--batch-size", 2, "--iters", 1, "--warmup", 0,
+            "--sample-steps", 2, "--what", "train", "sample", "--compile", "none", cwd=tmp_path)
+    rows = [line.split() for line in r.stdout.splitlines() if not line.startswith("#")]
+    assert [row[0] for row in rows] == ["train", "sample"]
+    assert all(row[1] == "XS/16" and "img_per_s" in row for row in rows)
+    values = dict(zip(rows[0][7::2], map(float, rows[0][8::2])))  # "... batch 2 | k v k v"
+    assert values["img_per_s"] > 0 and values["s_per_iter"] > 0

@@ -227,9 +227,13 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def newest_run(results_dir):
+def newest_run(results_dir, with_checkpoint=False):
+    """The highest-numbered run folder (with a ckpt-last.pt, if asked), or None."""
     runs = sorted(d for d in os.listdir(results_dir) if d[:3].isdigit()) if os.path.isdir(results_dir) else []
-    return os.path.join(results_dir, runs[-1]) if runs else None
+    runs = [os.path.join(results_dir, d) for d in runs]
+    if with_checkpoint:
+        runs = [r for r in runs if os.path.exists(os.path.join(r, "ckpt-last.pt"))]
+    return runs[-1] if runs else None
 
 
 def model_config(args, num_classes, text_dim=None):
@@ -291,7 +295,7 @@ def main(args):
     # ---- resume: the run's own settings win; --max-steps and the logging cadence may change
     ckpt, run_dir = None, None
     if args.resume:
-        run_dir = newest_run(args.results_dir) if args.resume == "auto" else args.resume
+        run_dir = newest_run(args.results_dir, with_checkpoint=True) if args.resume == "auto" else args.resume
         path = run_dir and os.path.join(run_dir, "ckpt-last.pt")
         if not path or not os.path.exists(path):
             raise SystemExit(f"--resume: no checkpoint found ({path or 'no run folder in ' + args.results_dir})")
@@ -400,6 +404,16 @@ def main(args):
             projector.load_state_dict(ckpt["projector"])
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
+        if rank == 0:  # forget what the interrupted run did after its last checkpoint
+            for f in os.listdir(run_dir):
+                if ".pt.tmp" in f:
+                    os.remove(os.path.join(run_dir, f))
+            metrics = os.path.join(run_dir, "metrics.jsonl")
+            if os.path.exists(metrics):
+                with open(metrics) as f:
+                    rows = [line for line in f if json.loads(line)["step"] <= step]
+                with open(metrics, "w") as f:
+                    f.writelines(rows)
         log.info(f"resumed {run_dir} at step {step}")
     if args.compile and cuda:  # regional: one compiled block serves all of them
         model.compile_regions()
