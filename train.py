@@ -317,23 +317,7 @@ def main(args):
     local_batch = args.global_batch_size // (world * args.grad_accum)
     torch.manual_seed(args.seed * world + rank)
 
-    if not args.resume and rank == 0:
-        os.makedirs(args.results_dir, exist_ok=True)
-        last = newest_run(args.results_dir)
-        idx = int(os.path.basename(last)[:3]) + 1 if last else 0
-        run_dir = os.path.join(args.results_dir, f"{idx:03d}-{args.model.replace('/', '-')}")
-        os.makedirs(run_dir)
-    if ddp and not args.resume:
-        box = [run_dir if rank == 0 else None]
-        dist.broadcast_object_list(box)
-        run_dir = box[0]
-
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(message)s",
-                        force=True, handlers=[logging.StreamHandler(sys.stdout)] +
-                        ([logging.FileHandler(os.path.join(run_dir, "log.txt"))] if rank == 0 else []))
-    log = logging.getLogger("train")
-
-    # ---- data (every error before any GPU work)
+    # ---- data: every error before a run folder or any GPU work
     size = args.image_size
     t2i = bool(args.text_encoder or args.text_cache)
     with torch.device("meta"):
@@ -354,6 +338,23 @@ def main(args):
     if args.hflip:
         dataset = Flipped(dataset)
     num_classes = len(dataset.classes)
+
+    if not args.resume and rank == 0:
+        os.makedirs(args.results_dir, exist_ok=True)
+        last = newest_run(args.results_dir)
+        idx = int(os.path.basename(last)[:3]) + 1 if last else 0
+        run_dir = os.path.join(args.results_dir, f"{idx:03d}-{args.model.replace('/', '-')}")
+        os.makedirs(run_dir)
+    if ddp and not args.resume:
+        box = [run_dir if rank == 0 else None]
+        dist.broadcast_object_list(box)
+        run_dir = box[0]
+
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(message)s",
+                        force=True, handlers=[logging.StreamHandler(sys.stdout)] +
+                        ([logging.FileHandler(os.path.join(run_dir, "log.txt"))] if rank == 0 else []))
+    log = logging.getLogger("train")
+
     if t2i:  # official t2i recipe (spec Sec. 7.5); the time shift scales with resolution: 2 at 256
         for k, v in dict(beta2=0.95, grad_clip=1.0, t_shift=size / 128).items():
             setattr(args, k, v if getattr(args, k) is None else getattr(args, k))

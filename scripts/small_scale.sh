@@ -14,8 +14,9 @@ FONT=${FONT:-/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf}
 EMOJI_TEST=${EMOJI_TEST:-/usr/share/unicode/emoji/emoji-test.txt}
 mkdir -p "$R"
 [ -d "$D" ] || python data/emoji.py --size 64 --skip-skin-tones --out "$D" --font "$FONT" --emoji-test "$EMOJI_TEST"
-python -c "import train as t; t.cache_dataset(t.ImageFolder('$D', 64), '$R/emoji.npy', 4); \
-t.cache_dataset(t.ImageFolder('$D', 64, captions=True), '$R/emoji_captions.npy', 4)"
+python -c "import train as t, numpy as np; t.cache_dataset(t.ImageFolder('$D', 64), '$R/emoji.npy', 4); \
+t.cache_dataset(t.ImageFolder('$D', 64, captions=True), '$R/emoji_captions.npy', 4); \
+np.savez('$R/emoji_ref.npz', arr_0=np.load('$R/emoji.npy'))"   # the FID reference: the training set
 
 COMMON="--data-path $D --image-size 64 --global-batch-size ${BATCH:-128} --max-steps $STEPS --lr 2e-4 --ema-decay 0.998
         --log-every $(( (STEPS + 29) / 30 )) --ckpt-every $((STEPS / 3)) --milestone-every $((STEPS / 3))
@@ -48,4 +49,6 @@ done
   --prompt "red apple" --prompt "rocket" --prompt "grinning cat" --prompt "purple heart" \
   --prompt "blue apple" --prompt "red cat" --prompt "green car" --prompt "yellow apple" \
   --images-per-condition 6 --steps "$SAMPLE_STEPS" --solver adams2 --out "$R/t2i_prompts.png"
+# FID of each sample set against the training images (the README ran these on the CPU):
+#   for f in "$R"/fid_*.npz; do python fid.py "$f" "$R/emoji_ref.npz"; done
 echo done
