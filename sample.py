@@ -93,7 +93,9 @@ def read_prompts(args):
     return prompts
 
 
-def main(args):
+def setup_distributed():
+    """(ddp, rank, world, device): torchrun's processes when launched by it (NCCL on CUDA, gloo
+    on the CPU), else one process; TF32 matmuls on CUDA."""
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available()
     if ddp:
@@ -103,12 +105,17 @@ def main(args):
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return ddp, rank, world, device
+
+
+def main(args):
+    ddp, rank, world, device = setup_distributed()
+    cuda = device.type == "cuda"
 
     ckpt = args.ckpt or newest_checkpoint(args.results_dir)
     if ckpt is None:
         raise SystemExit(f"no checkpoint given and none found under {args.results_dir}/. "
-                         "Train one first, e.g.: python train.py --model S/16 --max-steps 1500 "
-                         "--global-batch-size 32, or pass --ckpt PATH")
+                         "Train one first, e.g.: python train.py --model S/16, or pass --ckpt PATH")
     model, train_args = load_model(ckpt, args.model, not args.no_ema)
     model.to(device)
     train_size, t2i = train_args["image_size"], model.text_dim is not None

@@ -35,7 +35,7 @@ from tqdm import tqdm
 import flow
 from model import MODELS, convert_official, load_weights
 from samplers import guided, sample
-from sample import save_grid
+from sample import save_grid, setup_distributed
 from text_encoder import caption_features
 
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -282,15 +282,8 @@ class Objective(nn.Module):
 
 
 def main(args):
-    ddp = "RANK" in os.environ
-    cuda = torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ddp, rank, world, device = setup_distributed()
+    cuda = device.type == "cuda"
 
     # ---- resume: the run's own settings win; --max-steps and the logging cadence may change
     ckpt, run_dir = None, None
