@@ -1810,3 +1810,41 @@ def test_bench_cli_prints_train_and_sample_rows(tmp_path):
     assert all(row[1] == "XS/16" and "img_per_s" in row for row in rows)
     values = dict(zip(rows[0][7::2], map(float, rows[0][8::2])))  # "... batch 2 | k v k v"
     assert values["img_per_s"] > 0 and values["s_per_iter"] > 0
+
+
+def test_repa_training_path(tmp_path):
+    """--repa-encoder: a DINOv2 ViT-B/14 file is loaded, the projector joins the optimizer and the
+    checkpoint, and the loss is fm + 0.5 repa with repa in [0, 2]."""
+    torch.manual_seed(0)
+    path = tmp_path / "dinov2_vitb14_pretrain.pth"
+    torch.save(DINOv2().state_dict(), path)
+    run_dir = run_train(tmp_path / "results", "--repa-encoder", path, "--global-batch-size", 2, "--max-steps", 2,
+                        "--log-every", 1)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    for r in rows:
+        assert 0 < r["repa"] < 2 and r["loss"] == pytest.approx(r["fm"] + 0.5 * r["repa"], rel=1e-5)
+    ckpt = load_ckpt(os.path.join(run_dir, "ckpt-last.pt"))
+    assert ckpt["projector"]["4.weight"].shape == (768, 128)  # XS width -> DINOv2 width
+    assert "REPA on" in open(os.path.join(run_dir, "log.txt")).read()
+
+
+def test_text_to_image_train_and_sample(tmp_path, monkeypatch):
+    """--text-encoder: captions are encoded once through the TextEncoder interface (a tiny one here,
+    as transformers is optional), cached, trained on; sample.py turns prompts into images from the
+    cache, and asks for the encoder for a prompt it does not hold."""
+    import text_encoder
+    monkeypatch.setattr(text_encoder, "load_text_encoder", lambda path, max_length, **kw: make())
+    cache = tmp_path / "captions.pt"
+    run_dir = run_train(tmp_path / "results", "--model", "T2I-XS/16", "--text-encoder", "tiny", "--text-cache", cache,
+                        "--text-len", L, "--global-batch-size", 2, "--max-steps", 2)
+    saved = torch.load(cache, weights_only=True)
+    assert saved["captions"] == train.Shapes.classes + [""] and saved["features"].shape[1:] == (L, 16)
+    args = json.load(open(os.path.join(run_dir, "args.json")))
+    assert (args["beta2"], args["grad_clip"], args["t_shift"]) == (0.95, 1.0, 32 / 128)  # the t2i recipe
+    out = tmp_path / "prompts.png"
+    run_sample("--ckpt", os.path.join(run_dir, "ckpt-last.pt"), "--text-encoder", "", "--prompt", "red disc",
+               "--prompt", "blue triangle", "--images-per-condition", 2, "--steps", 2, "--out", out)
+    assert Image.open(out).size == (2 + 2 * 34, 2 + 2 * 34)
+    monkeypatch.undo()  # the run's encoder "tiny" is no file: a new prompt needs a real one
+    with pytest.raises(FileNotFoundError, match="--text-encoder"):
+        run_sample("--ckpt", os.path.join(run_dir, "ckpt-last.pt"), "--prompt", "a new prompt", "--steps", 2, "--out", out)
