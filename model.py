@@ -240,15 +240,13 @@ class PixNerd(nn.Module):
         else:
             c = F.silu(t_emb)                                     # t2i: no text in adaLN
             text = self.text_norm(self.text_embed(y)) + self.text_pos[:, : y.shape[1]]
-            if text_mask is not None:  # (B, 1, 1, keys): image keys always on
+            if text_mask is not None:  # (B, 1, 1, keys)
                 text_mask = text_mask.bool() | ~text_mask.bool().any(1, keepdim=True)
                 mask = text_mask[:, None, None, :]
-                for block in self.text_blocks:
-                    text = block(text, c, mask=mask)
+            for block in self.text_blocks:
+                text = block(text, c, mask=mask)
+            if mask is not None:  # image blocks: image keys always on, then the text keys
                 mask = F.pad(mask, (h.shape[1], 0), value=True)
-            else:
-                for block in self.text_blocks:
-                    text = block(text, c)
 
         rope = rope_2d(ht, wt, h.shape[-1] // self.num_heads, self.rope_mode, device=x.device)
         h_align = None
