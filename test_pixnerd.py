@@ -1848,3 +1848,20 @@ def test_text_to_image_train_and_sample(tmp_path, monkeypatch):
     monkeypatch.undo()  # the run's encoder "tiny" is no file: a new prompt needs a real one
     with pytest.raises(FileNotFoundError, match="--text-encoder"):
         run_sample("--ckpt", os.path.join(run_dir, "ckpt-last.pt"), "--prompt", "a new prompt", "--steps", 2, "--out", out)
+
+
+def test_text_mask_hides_padding():
+    """With the padding mask, what the encoder put at padded positions cannot change the velocity;
+    without it (the official behaviour) it does. A caption with no real token stays finite."""
+    torch.manual_seed(0)
+    model = MODELS["T2I-XS/16"](text_dim=8, text_len=6).eval()
+    for p in model.head.out.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    text = torch.randn(2, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    other = torch.where(mask[..., None], text, torch.randn(2, 6, 8))  # new values at the padding
+    with torch.no_grad():
+        assert torch.allclose(model(x, t, text, mask), model(x, t, other, mask), atol=1e-6)
+        assert not torch.allclose(model(x, t, text), model(x, t, other), atol=1e-3)
+        assert torch.isfinite(model(x, t, text, torch.zeros_like(mask))).all()
