@@ -156,7 +156,7 @@ class LinearHead(nn.Module):
 
 
 def patchify(x, ph, pw):
-    """(B, C, H, W) -> (B, L, ph*pw, C): patches in row-major order, pixels row-major inside."""
+    """(B, C, H, W) -> (B, L, ph*pw, C): patches in row-major order, pixels row-major inside (Eq. 5)."""
     B, C, H, W = x.shape
     x = x.view(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 3, 5, 1)
     return x.reshape(B, (H // ph) * (W // pw), ph * pw, C)
