@@ -13,7 +13,6 @@ import time
 
 import torch
 
-import flow
 from model import MODELS
 from samplers import guided, sample
 from train import PEAK_FLOPS, Objective, count_flops, update_ema

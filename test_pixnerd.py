@@ -32,10 +32,12 @@ from dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2, load_dinov2, repa_target
 from model import MODELS, PixNerd, convert_official, load_weights
 from nerf_head import NerfHead, coordinate_encoding
 from text_encoder import TextEncoder, load_text_encoder
+import bench
 import fid
 import flow
-
+import sample
 import samplers
+import train
 
 TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
 
@@ -1301,14 +1303,6 @@ def test_emoji_missing_font_names_apt_line(tmp_path):
 # train.py, sample.py, fid.py end to end, bench.py
 # =============================================================================================
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import bench  # noqa: E402
-import fid  # noqa: E402
-import flow  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
 
 TINY = ["--model", "XS/16", "--image-size", "32", "--num-workers", "0", "--sample-steps", "2", "--no-compile"]
 
