@@ -1,7 +1,9 @@
 """Benchmark PixNerd: training steps (img/s, MFU, peak memory) and sampling (s/step, s/image).
 
     python bench.py --model L/16 XL/16 --batch-size 32 64                 # a GPU, bf16
-    python bench.py --what sample --model L/16 --batch-size 1 64 --compile graphs
+    python bench.py --model L/16 --head nerf linear --kernel on off        # what the head costs
+    python bench.py --what sample --model L/16 --batch-size 1 64
+    python bench.py --what check --model L/16 XL/16                        # numerics of the fast paths
     python bench.py --model S/16 --image-size 32 --batch-size 2 --iters 2 --warmup 1   # CPU smoke
 
 A training step is the one train.py runs: flow-matching loss (REPA off), backward, fused AdamW,
@@ -9,24 +11,28 @@ fp32 EMA. MFU = 3 x forward FLOPs x img/s / 686 TFLOP/s (the bf16 matmul rate me
 H100); FLOPs are counted by torch's FlopCounterMode, not estimated.
 """
 import argparse
+import copy
+import itertools
 import time
 
 import torch
 
+import nerf_kernel
 from model import MODELS
+from sample import CUDAGraphs, bf16_linears
 from samplers import guided, sample
 from train import PEAK_FLOPS, Objective, count_flops, update_ema
 
 
-def compiled(model, how):
-    """none: eager; regions: each block and the head (what train.py does); full: the whole
-    model; graphs: the whole model with CUDA graphs (mode="reduce-overhead")."""
+def prepared(model, how, kernel):
+    """how: none (eager), regions (each block and the head, what train.py and sample.py do) or
+    full (the whole model); kernel: route the neural field through nerf_kernel."""
+    if kernel == "on":
+        nerf_kernel.enable(model)
     if how == "regions":
         model.compile_regions()
     elif how == "full":
-        model.compile()
-    elif how == "graphs":
-        model.compile(mode="reduce-overhead")
+        model.compile(dynamic=False)
     return model
 
 
@@ -45,12 +51,12 @@ def timed(fn, iters, warmup, device):
     return (time.perf_counter() - t0) / iters, mem
 
 
-def bench_train(name, head, batch, size, how, args, device):
+def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
     config = {"name": name, "kwargs": {"head": head}}
     model = MODELS[name](head=head).to(device)
     ema = MODELS[name](head=head).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    compiled(model, how)
+    prepared(model, how, kernel)
     objective = Objective(model, None)
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
@@ -74,37 +80,65 @@ def bench_train(name, head, batch, size, how, args, device):
                 peak_gib=mem, first_step_s=t_compile)
 
 
-def bench_sample(name, head, batch, size, how, args, device):
-    model = compiled(MODELS[name](head=head).to(device).eval().requires_grad_(False), how)
+def bench_sample(name, head, batch, size, how, kernel, graphs, args, device):
+    model = MODELS[name](head=head).to(device).eval().requires_grad_(False)
+    model = prepared(bf16_linears(model) if device.type == "cuda" else model, how, kernel)  # as sample.py
     noise = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
-    fn = guided(model, y, torch.full_like(y, 1000), 3.5, (0.1, 1.0))
+    fn = guided(CUDAGraphs(model) if graphs == "on" else model, y, torch.full_like(y, 1000), 3.5, (0.1, 1.0))
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
     def run():
         with autocast:
             sample(fn, noise, args.sample_steps, "euler")
 
-    dt, mem = timed(run, max(1, args.iters // 10), 1, device)
-    return dict(s_per_step=dt / args.sample_steps, s_per_image=dt / batch, img_per_s=batch / dt, peak_gib=mem)
+    t_first = time.perf_counter()
+    run()
+    t_first = time.perf_counter() - t_first
+    dt, mem = timed(run, max(1, args.iters // 10), 0, device)
+    return dict(first_run_s=t_first, s_per_step=dt / args.sample_steps, s_per_image=dt / batch, img_per_s=batch / dt, peak_gib=mem)
 
 
-def check(name, size, how, device):
-    """Relative error of the fast path (bf16 autocast, compiled) against fp32 eager on the same
-    weights; the zero-initialised output layer is randomised so that every path contributes."""
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check(name, size, how, kernel, graphs, args, device):
+    """Relative errors of the fast paths: bf16 autocast (compiled, fused kernel if on) against
+    fp32 eager on the same weights; the fused kernel against the bf16 torch path, output and
+    gradients; CUDA-graph sampling against plain calls. The zero-initialised output layer is
+    randomised so that every path contributes."""
     torch.manual_seed(0)
-    model = MODELS[name]().to(device).eval()
+    model = MODELS[name]().to(device)
     for p in model.head.out.parameters():
         torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(4, 3, size, size, device=device)
     t, y = torch.rand(4, device=device), torch.randint(0, 1000, (4,), device=device)
+    autocast = torch.autocast(device.type, torch.bfloat16)
     with torch.no_grad():
         torch.backends.cuda.matmul.allow_tf32 = False
-        ref = model(x, t, y).double()
+        ref = model(x, t, y)
         torch.backends.cuda.matmul.allow_tf32 = True
-        with torch.autocast(device.type, torch.bfloat16):
-            fast = compiled(model, how)(x, t, y).double()
-    return dict(rel_err=((fast - ref).norm() / ref.norm()).item())
+    r = {}
+    if kernel == "on":  # fused kernel vs the bf16 torch path, forward and backward
+        outs = []
+        for on in (False, True):
+            nerf_kernel.enable(model, on)
+            model.zero_grad(set_to_none=True)
+            with autocast:
+                v = model(x, t, y)
+            v.float().square().mean().backward()
+            outs.append((v.detach(), [p.grad.clone() for p in model.head.parameters()]))
+        r["kernel_vs_torch_v"] = rel(outs[1][0], outs[0][0])
+        r["kernel_vs_torch_head_grads"] = max(rel(a, b) for a, b in zip(outs[1][1], outs[0][1]))
+    prepared(model, how, kernel)
+    with torch.no_grad(), autocast:
+        r["bf16_vs_fp32_v"] = rel(model(x, t, y), ref)
+        if graphs == "on" and device.type == "cuda":  # sample.py's path: bf16 Linears, CUDA graphs
+            fn = guided(model, y, torch.full_like(y, 1000), 3.5, (0.1, 1.0))
+            fast = guided(CUDAGraphs(bf16_linears(copy.deepcopy(model))), y, torch.full_like(y, 1000), 3.5, (0.1, 1.0))
+            r["sample_py_vs_plain_sample"] = rel(sample(fast, x, 10), sample(fn, x, 10))
+    return r
 
 
 def main():
@@ -113,8 +147,11 @@ def main():
     p.add_argument("--model", nargs="+", choices=list(MODELS), default=["L/16"])
     p.add_argument("--head", nargs="+", choices=["nerf", "linear"], default=["nerf"])
     p.add_argument("--batch-size", nargs="+", type=int, default=[32, 64])
-    p.add_argument("--compile", nargs="+", choices=["none", "regions", "full", "graphs"],
+    p.add_argument("--compile", nargs="+", choices=["none", "regions", "full"],
                    default=["regions" if torch.cuda.is_available() else "none"])
+    p.add_argument("--kernel", nargs="+", choices=["on", "off"], default=["on"],
+                   help="the fused neural-field kernel (CUDA + Triton; off elsewhere whatever this says)")
+    p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"], help="sampling only")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -126,24 +163,33 @@ def main():
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast, {args.image_size}px")
     else:
         print(f"# CPU, torch {torch.__version__}, fp32, {args.image_size}px")
-    for what in args.what:
-        for name in args.model:
-            for head in args.head:
-                for how in args.compile:
-                    for batch in args.batch_size:
-                        torch._dynamo.reset()
-                        try:
-                            if what == "check":
-                                r = check(name, args.image_size, how, device)
-                            else:
-                                fn = bench_train if what == "train" else bench_sample
-                                r = fn(name, head, batch, args.image_size, how, args, device)
-                        except torch.OutOfMemoryError:
-                            r = {"error": "out of memory"}
-                        cells = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
-                        print(f"{what:6s} {name:6s} {head:6s} {how:8s} batch {batch:3d} | {cells}", flush=True)
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
+    fns, seen = {"train": bench_train, "sample": bench_sample}, set()
+    for what, name, head, how, kernel, graphs, batch in itertools.product(
+            args.what, args.model, args.head, args.compile, args.kernel, args.cuda_graphs, args.batch_size):
+        if what == "train":
+            graphs = "-"
+        if what == "check":
+            head, batch = "nerf", 4
+        if kernel == "on" and not nerf_kernel.available():
+            kernel = "n/a"  # no Triton or no GPU: the torch path
+        if device.type != "cuda" and what != "train":
+            graphs = "n/a"
+        if (what, name, head, how, kernel, graphs, batch) in seen:
+            continue
+        seen.add((what, name, head, how, kernel, graphs, batch))
+        torch._dynamo.reset()
+        try:
+            if what == "check":
+                r = check(name, args.image_size, how, kernel, graphs, args, device)
+            else:
+                r = fns[what](name, head, batch, args.image_size, how, kernel, graphs, args, device)
+        except torch.OutOfMemoryError:
+            r = {"error": "out of memory"}
+        cells = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
+        print(f"{what:6s} {name:6s} {head:6s} {how:7s} kernel {kernel:3s} graphs {graphs:3s} batch {batch:3d} | {cells}",
+              flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

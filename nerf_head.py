@@ -92,6 +92,12 @@ def coordinate_encoding(kind, ph, pw, device=None, dtype=torch.float32):
 # The neural field
 # ---------------------------------------------------------------------------------------------
 
+def patch_mlp(h, w1, w2, norm):
+    """h + SiLU(norm(h) W1) W2 for each patch's own W1 (N, width, hidden), W2 (N, hidden, width);
+    h: (N, pixels, width). nerf_kernel.py holds a fused CUDA version of this function."""
+    return h + torch.bmm(F.silu(torch.bmm(norm(h), w1)), w2)
+
+
 class NerfBlock(nn.Module):
     """One residual layer of the per-patch MLP. Its weights are predicted from s (Eq. 9),
     row-wise normalised (Eq. 10), then h <- h + SiLU(RMSNorm(h) W1) W2 (no biases)."""
@@ -101,6 +107,7 @@ class NerfBlock(nn.Module):
         self.width, self.hidden, self.norm_w2 = width, width * mlp_ratio, norm_w2
         self.generator = nn.Linear(cond_dim, 2 * width * self.hidden)  # Eq. 9: theta = W_g s + b_g
         self.norm = RMSNorm(width)
+        self.fused = None  # set by nerf_kernel.enable(): same function as patch_mlp, on chip
 
     def forward(self, h, s):
         # h: (N, pixels, width) per-pixel features; s: (N, cond_dim) one vector per patch
@@ -108,9 +115,9 @@ class NerfBlock(nn.Module):
         w1 = w1.view(-1, self.width, self.hidden)    # (N, in=width, out=hidden)
         w2 = w2.view(-1, self.hidden, self.width)    # (N, in=hidden, out=width)
         # Eq. 10: row-wise L2 normalisation, over the input dim of each output unit (in fp32).
-        w1 = F.normalize(w1.float(), dim=-2).to(h.dtype)
-        w2 = F.normalize(w2.float(), dim=-2).to(h.dtype) if self.norm_w2 else w2
-        return h + torch.bmm(F.silu(torch.bmm(self.norm(h), w1)), w2)
+        w1 = F.normalize(w1.float(), dim=-2).to(w1.dtype)  # the generator's dtype: bf16 under autocast
+        w2 = F.normalize(w2.float(), dim=-2).to(w2.dtype) if self.norm_w2 else w2
+        return (self.fused or patch_mlp)(h, w1, w2, self.norm)
 
 
 class NerfHead(nn.Module):
@@ -143,6 +150,8 @@ class NerfHead(nn.Module):
         # patch, so it is computed once per pixel position instead of once per patch and pixel.
         w = self.embed.weight
         pos = F.linear(phi.to(w.dtype), w[:, self.channels:], self.embed.bias)  # (ph*pw, width)
+        # h: (N, ph*pw, width) in the pixels' dtype (fp32 under autocast), a residual stream like
+        # the transformer's; the matmuls of each layer run in bf16.
         h = F.linear(pixels, w[:, :self.channels].to(pixels.dtype)) + pos.to(pixels.dtype)
         for block in self.blocks:
             h = block(h, s)

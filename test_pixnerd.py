@@ -30,11 +30,12 @@ import torch.nn.functional as F
 
 from dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2, load_dinov2, repa_target
 from model import MODELS, PixNerd, convert_official, load_weights
-from nerf_head import NerfHead, coordinate_encoding
+from nerf_head import NerfHead, coordinate_encoding, patch_mlp
 from text_encoder import TextEncoder, load_text_encoder
 import bench
 import fid
 import flow
+import nerf_kernel
 import sample
 import samplers
 import train
@@ -1792,8 +1793,88 @@ def test_fid_reads_sample_npz(trained, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 def test_bench_check_bf16_close_to_fp32():
-    err = bench.check("XS/16", 32, "none", torch.device("cpu"))["rel_err"]
+    err = bench.check("XS/16", 32, "none", "off", "off", None, torch.device("cpu"))["bf16_vs_fp32_v"]
     assert 0 < err <= 1e-2  # > 0: autocast did run in bf16
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths: fused neural-field kernel, bf16 Linears and CUDA graphs for sampling
+# ---------------------------------------------------------------------------------------------
+
+KERNEL_CHECK = """
+import torch, nerf_kernel
+from nerf_head import patch_mlp, RMSNorm
+torch.manual_seed(0)
+rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+for N, P, C, hdt in [(3, 256, 64, torch.float32), (2, 100, 32, torch.float16)]:
+    norm = RMSNorm(C)
+    norm.weight.data += 0.1 * torch.randn(C)
+    h = torch.randn(N, P, C).to(hdt).requires_grad_()
+    w1, w2 = [torch.nn.functional.normalize(torch.randn(N, *s), dim=-2).half().requires_grad_()
+              for s in ((C, 2 * C), (2 * C, C))]
+    with torch.autocast("cpu", torch.float16):
+        ref = patch_mlp(h, w1, w2, norm)
+    out = nerf_kernel._patch_mlp_op(h, w1, w2, norm.weight, norm.eps)
+    dout = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (h, w1, w2, norm.weight), dout),
+                    torch.autograd.grad(ref, (h, w1, w2, norm.weight), dout)):
+        assert a.dtype == b.dtype and rel(a, b) < 1e-3, rel(a, b)
+    assert out.dtype == ref.dtype and rel(out, ref) < 1e-4, rel(out, ref)
+print("kernel ok")
+"""
+
+
+def test_fused_kernel_matches_torch_path_or_falls_back():
+    """With Triton installed, the kernel runs in Triton's CPU interpreter against the torch path
+    (fp16: the interpreter mishandles bf16), forward and all four gradients. Without Triton (CI),
+    enable() routes nothing and the model computes exactly what it did."""
+    if importlib.util.find_spec("triton"):
+        r = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=os.path.dirname(__file__) or ".",
+                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+        assert r.returncode == 0 and "kernel ok" in r.stdout, r.stderr[-2000:]
+    else:
+        torch.manual_seed(0)
+        model = MODELS["XS/16"]().eval()
+        x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
+        with torch.no_grad():
+            before = model(x, t, y)
+            assert not nerf_kernel.available() and nerf_kernel.enable(model) == 0
+            assert torch.equal(model(x, t, y), before)
+
+
+def test_fused_hook_and_cpu_fallback():
+    """NerfBlock.fused replaces patch_mlp when set, and fused_patch_mlp is patch_mlp off the GPU."""
+    torch.manual_seed(0)
+    model = MODELS["XS/16"]().eval()
+    for p in model.head.out.parameters():
+        nn.init.normal_(p, std=0.1)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = model(x, t, y)
+        calls = []
+        for block in model.head.blocks:
+            block.fused = lambda *a: calls.append(1) or nerf_kernel.fused_patch_mlp(*a)
+        assert torch.equal(model(x, t, y), ref) and len(calls) == 2
+        for block in model.head.blocks:
+            block.fused = lambda h, w1, w2, norm: h  # skip the layer
+        assert not torch.allclose(model(x, t, y), ref, atol=1e-3)  # the hook's result is what the head uses
+
+
+def test_bf16_linears_and_cuda_graphs_change_no_number():
+    """sample.py's fast path: Linear weights stored in bf16 give under autocast exactly what autocast
+    computes from fp32 weights (the residual stream stays fp32); CUDAGraphs is a plain call off the GPU."""
+    torch.manual_seed(0)
+    model = MODELS["XS/16"]().eval().requires_grad_(False)
+    for p in model.head.out.parameters():
+        nn.init.normal_(p, std=0.1)
+    fast = sample.CUDAGraphs(sample.bf16_linears(MODELS["XS/16"]().eval().requires_grad_(False)))
+    fast.model.load_state_dict(model.state_dict())
+    assert fast.model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert fast.model.blocks[0].norm1.weight.dtype == torch.float32
+    x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
+    with torch.autocast("cpu", torch.bfloat16):
+        ref, out = model(x, t, y), fast(x, t, y)
+    assert torch.equal(out, ref) and not torch.equal(out, model(x, t, y))  # and autocast mattered
 
 
 def test_bench_cli_prints_train_and_sample_rows(tmp_path):
@@ -1802,7 +1883,8 @@ def test_bench_cli_prints_train_and_sample_rows(tmp_path):
     rows = [line.split() for line in r.stdout.splitlines() if not line.startswith("#")]
     assert [row[0] for row in rows] == ["train", "sample"]
     assert all(row[1] == "XS/16" and "img_per_s" in row for row in rows)
-    values = dict(zip(rows[0][7::2], map(float, rows[0][8::2])))  # "... batch 2 | k v k v"
+    cells = rows[0][rows[0].index("|") + 1:]  # "... batch 2 | k v k v"
+    values = dict(zip(cells[::2], map(float, cells[1::2])))
     assert values["img_per_s"] > 0 and values["s_per_iter"] > 0
 
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import flow
+import nerf_kernel
 from model import MODELS, convert_official, load_weights
 from samplers import guided, sample
 from sample import save_grid, setup_distributed
@@ -409,6 +410,9 @@ def main(args):
                 with open(metrics, "w") as f:
                     f.writelines(rows)
         log.info(f"resumed {run_dir} at step {step}")
+    if args.kernel and cuda:  # the fused neural-field layer (Triton); the torch path otherwise
+        layers = nerf_kernel.enable(model) + nerf_kernel.enable(ema)
+        log.info(f"fused neural-field kernel: {'on' if layers else 'off (needs Triton)'}")
     if args.compile and cuda:  # regional: one compiled block serves all of them
         model.compile_regions()
     train_obj = DDP(objective, device_ids=[device.index] if cuda else None) if ddp else objective
@@ -512,7 +516,7 @@ def main(args):
 PAPER = dict(image_size=256, global_batch_size=256, max_steps=800_000, lr=1e-4, ema_decay=0.9999,
              log_every=100, ckpt_every=5_000, sample_every=10_000, num_workers=8)
 RESUME_MAY_CHANGE = ("max_steps", "log_every", "ckpt_every", "milestone_every", "sample_every",
-                     "num_workers", "compile", "results_dir")
+                     "num_workers", "compile", "kernel", "results_dir")
 BUILTIN = dict(image_size=32, global_batch_size=32, max_steps=1_200, lr=2e-4, ema_decay=0.995,
                log_every=50, ckpt_every=300, sample_every=300, num_workers=1)
 
@@ -564,6 +568,8 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="CUDA only")
+    p.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=True,
+                   help="the fused Triton neural-field kernel (CUDA and Triton only)")
     return p
 
 

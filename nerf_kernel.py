@@ -1,0 +1,155 @@
+"""The neural field's residual layer as one fused Triton kernel (CUDA, bf16/fp16; optional).
+
+nerf_head.patch_mlp computes h + SiLU(RMSNorm(h) W1) W2 for every pixel of every patch with
+batched matmuls, so each layer writes and keeps (patches, pixels, 2 x width) activations: for an
+L/16 batch of 64 at 256 px that is 4.2M pixels x 128 channels per tensor, several times over, and
+the head costs more memory traffic than the transformer blocks it sits on. Here one program
+owns one patch: it loads the patch's W1 and W2 once, runs the pixels through the MLP in on-chip
+memory and writes only the output. The backward recomputes the hidden activations from the
+layer's input instead of storing them, and sums the patch's weight gradients on chip.
+
+The rounding follows the bf16 torch path step by step (normalised input, matmul outputs and SiLU
+are rounded to bf16 where torch rounds them), so the two agree to accumulation order; the test
+suite and `bench.py --what check` compare them. Without Triton, CUDA or a bf16/fp16 input the
+torch path runs: enable() only adds a faster path, never a different function.
+
+This file is the reason for no design change elsewhere: nerf_head.py stays torch-only, and the
+scripts call enable(model) when they run on a GPU.
+"""
+import torch
+
+from nerf_head import NerfBlock, patch_mlp
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the torch path serves
+    triton = None
+
+
+def available():
+    return triton is not None and torch.cuda.is_available()
+
+
+def enable(model, on=True):
+    """Route every neural-field layer of `model` through the fused kernel where it applies (or,
+    on=False, back to the torch path). Returns the number of layers routed (0 without Triton or CUDA)."""
+    blocks = [m for m in model.modules() if isinstance(m, NerfBlock)]
+    for m in blocks:
+        m.fused = fused_patch_mlp if on and available() and supported(m.width, m.hidden) else None
+    return sum(m.fused is not None for m in blocks)
+
+
+def supported(width, hidden):
+    return all(d >= 16 and d & (d - 1) == 0 for d in (width, hidden))  # tl.dot tiles: powers of 2 >= 16
+
+
+def fused_patch_mlp(h, w1, w2, norm):
+    """patch_mlp(h, w1, w2, norm) through the kernel for CUDA bf16/fp16 inputs, else the torch path."""
+    if not (h.is_cuda and w1.dtype == w2.dtype and w1.dtype in (torch.bfloat16, torch.float16)):
+        return patch_mlp(h, w1, w2, norm)
+    return _patch_mlp_op(h.contiguous(), w1.contiguous(), w2.contiguous(), norm.weight, norm.eps)
+
+
+if triton is not None:
+    @triton.jit
+    def _rms_in(H, G, n, p0, P, eps, C: tl.constexpr, BP: tl.constexpr, HDT: tl.constexpr, DT: tl.constexpr):
+        """For pixels p0..p0+BP of patch n: x (fp32), 1/rms(x), x_hat and RMSNorm(x) rounded to h's
+        dtype HDT, and RMSNorm(x) in the matmul dtype DT (as autocast casts it)."""
+        offs_p = p0 + tl.arange(0, BP)
+        offs_c = tl.arange(0, C)
+        mask = offs_p[:, None] < P
+        ptrs = n * P * C + offs_p[:, None] * C + offs_c[None, :]
+        x = tl.load(H + ptrs, mask=mask, other=0.0).to(tl.float32)                # (BP, C)
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / C + eps)                               # (BP,)
+        xhat = (x * r[:, None]).to(HDT)                                             # torch: y.to(dtype)
+        g = tl.load(G + offs_c).to(HDT).to(tl.float32)                              # gain.to(dtype)
+        xn = (xhat.to(tl.float32) * g[None, :]).to(HDT).to(DT)                     # (BP, C)
+        return x, r, xhat, g, xn, ptrs, mask
+
+    @triton.jit
+    def _fwd_kernel(H, W1, W2, G, OUT, eps, P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr, BP: tl.constexpr,
+                    HDT: tl.constexpr, DT: tl.constexpr):
+        n = tl.program_id(0)
+        offs_c, offs_h = tl.arange(0, C), tl.arange(0, HID)
+        w1 = tl.load(W1 + n * C * HID + offs_c[:, None] * HID + offs_h[None, :])  # (C, HID)
+        w2 = tl.load(W2 + n * HID * C + offs_h[:, None] * C + offs_c[None, :])    # (HID, C)
+        for p0 in range(0, P, BP):
+            x, r, xhat, g, xn, ptrs, mask = _rms_in(H, G, n, p0, P, eps, C, BP, HDT, DT)
+            a = tl.dot(xn, w1).to(DT).to(tl.float32)                               # (BP, HID)
+            s = (a * tl.sigmoid(a)).to(DT)                                          # SiLU
+            o = tl.dot(s, w2).to(DT).to(tl.float32)                                # (BP, C)
+            tl.store(OUT + ptrs, (x + o).to(HDT), mask=mask)
+
+    @triton.jit
+    def _bwd_kernel(H, W1, W2, G, DOUT, DH, DW1, DW2, DG, eps, P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr,
+                    BP: tl.constexpr, HDT: tl.constexpr, DT: tl.constexpr):
+        n = tl.program_id(0)
+        offs_c, offs_h = tl.arange(0, C), tl.arange(0, HID)
+        w1_ptrs = n * C * HID + offs_c[:, None] * HID + offs_h[None, :]
+        w2_ptrs = n * HID * C + offs_h[:, None] * C + offs_c[None, :]
+        w1, w2 = tl.load(W1 + w1_ptrs), tl.load(W2 + w2_ptrs)
+        dw1 = tl.zeros((C, HID), tl.float32)
+        dw2 = tl.zeros((HID, C), tl.float32)
+        dg = tl.zeros((C,), tl.float32)
+        for p0 in range(0, P, BP):
+            x, r, xhat, g, xn, ptrs, mask = _rms_in(H, G, n, p0, P, eps, C, BP, HDT, DT)
+            a = tl.dot(xn, w1).to(DT).to(tl.float32)                               # recomputed
+            sig = tl.sigmoid(a)
+            s = (a * sig).to(DT)
+            do = tl.load(DOUT + ptrs, mask=mask, other=0.0).to(tl.float32)          # (BP, C)
+            dob = do.to(DT)                                                         # autocast: bf16 grad
+            dw2 += tl.dot(tl.trans(s), dob)                                         # (HID, C)
+            ds = tl.dot(dob, tl.trans(w2)).to(DT).to(tl.float32)                   # (BP, HID)
+            da = (ds * sig * (1 + a * (1 - sig))).to(DT)                           # SiLU backward
+            dw1 += tl.dot(tl.trans(xn), da)                                         # (C, HID)
+            dxn = tl.dot(da, tl.trans(w1)).to(DT).to(HDT).to(tl.float32)           # (BP, C)
+            dg += tl.sum(dxn * xhat.to(tl.float32), axis=0)
+            dxhat = (dxn * g[None, :]).to(HDT).to(tl.float32)
+            xr = x * r[:, None]                                                     # RMSNorm backward
+            dx = r[:, None] * (dxhat - xr * (tl.sum(dxhat * xr, axis=1) / C)[:, None])
+            tl.store(DH + ptrs, (do + dx).to(HDT), mask=mask)
+        tl.store(DW1 + w1_ptrs, dw1.to(DT))
+        tl.store(DW2 + w2_ptrs, dw2.to(DT))
+        tl.store(DG + n * C + offs_c, dg)
+
+    _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+    _BP = 64  # pixels per inner step: 4 steps for a 16x16 patch
+
+    @torch.library.custom_op("pixnerd::patch_mlp", mutates_args=())
+    def _patch_mlp_op(h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gain: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+        N, P, C = h.shape
+        out = torch.empty_like(h)
+        _fwd_kernel[(N,)](h, w1, w2, gain, out, eps, P=P, C=C, HID=w1.shape[-1], BP=_BP, HDT=_DT[h.dtype],
+                          DT=_DT[w1.dtype], num_warps=4)
+        return out
+
+    @_patch_mlp_op.register_fake
+    def _(h, w1, w2, gain, eps):
+        return torch.empty_like(h)
+
+    @torch.library.custom_op("pixnerd::patch_mlp_backward", mutates_args=())
+    def _patch_mlp_backward_op(dout: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                               gain: torch.Tensor, eps: float) -> list[torch.Tensor]:
+        N, P, C = h.shape
+        dh, dw1, dw2 = torch.empty_like(h), torch.empty_like(w1), torch.empty_like(w2)
+        dg = torch.empty(N, C, device=h.device, dtype=torch.float32)
+        _bwd_kernel[(N,)](h, w1, w2, gain, dout.contiguous(), dh, dw1, dw2, dg, eps, P=P, C=C, HID=w1.shape[-1],
+                          BP=_BP, HDT=_DT[h.dtype], DT=_DT[w1.dtype], num_warps=8)
+        return [dh, dw1, dw2, dg.sum(0).to(gain.dtype)]
+
+    @_patch_mlp_backward_op.register_fake
+    def _(dout, h, w1, w2, gain, eps):
+        return [torch.empty_like(h), torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(gain)]
+
+    def _setup_context(ctx, inputs, output):
+        h, w1, w2, gain, eps = inputs
+        ctx.save_for_backward(h, w1, w2, gain)
+        ctx.eps = eps
+
+    def _backward(ctx, dout):
+        dh, dw1, dw2, dg = _patch_mlp_backward_op(dout, *ctx.saved_tensors, ctx.eps)
+        return dh, dw1, dw2, dg, None
+
+    _patch_mlp_op.register_autograd(_backward, setup_context=_setup_context)
