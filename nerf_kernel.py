@@ -1,20 +1,18 @@
-"""The neural field's residual layer as one fused Triton kernel (CUDA, bf16/fp16; optional).
+"""The neural field's residual layer as one fused Triton kernel (CUDA; optional).
 
 nerf_head.patch_mlp computes h + SiLU(RMSNorm(h) W1) W2 for every pixel of every patch with
-batched matmuls, so each layer writes and keeps (patches, pixels, 2 x width) activations: for an
-L/16 batch of 64 at 256 px that is 4.2M pixels x 128 channels per tensor, several times over, and
-the head costs more memory traffic than the transformer blocks it sits on. Here one program
-owns one patch: it loads the patch's W1 and W2 once, runs the pixels through the MLP in on-chip
-memory and writes only the output. The backward recomputes the hidden activations from the
-layer's input instead of storing them, and sums the patch's weight gradients on chip.
+batched matmuls, so each layer writes and keeps several (patches, pixels, 2 x width) tensors: for
+an L/16 batch of 64 at 256 px, 4.2M pixels x 128 channels each. Here one program owns one patch:
+it loads the patch's W1 and W2 once, runs its pixels through the MLP in on-chip memory and writes
+only the output. The backward recomputes the hidden activations from the layer's input instead of
+storing them, and sums the patch's weight gradients on chip.
 
-The rounding follows the bf16 torch path step by step (normalised input, matmul outputs and SiLU
-are rounded to bf16 where torch rounds them), so the two agree to accumulation order; the test
-suite and `bench.py --what check` compare them. Without Triton, CUDA or a bf16/fp16 input the
-torch path runs: enable() only adds a faster path, never a different function.
+The rounding follows the torch path under bf16 autocast step by step (h in fp32 or bf16, W1 and W2
+in bf16 or fp16; normalised input, matmul outputs and SiLU rounded where torch rounds them), so
+the two agree to accumulation order; the tests and `bench.py --what check` compare them. Other
+inputs take the torch path: enable() adds a faster path, never a different function.
 
-This file is the reason for no design change elsewhere: nerf_head.py stays torch-only, and the
-scripts call enable(model) when they run on a GPU.
+A file of its own so that nerf_head.py stays torch-only: the scripts call enable(model) on a GPU.
 """
 import torch
 
@@ -45,7 +43,7 @@ def supported(width, hidden):
 
 
 def fused_patch_mlp(h, w1, w2, norm):
-    """patch_mlp(h, w1, w2, norm) through the kernel for CUDA bf16/fp16 inputs, else the torch path."""
+    """patch_mlp(h, w1, w2, norm) through the kernel for CUDA inputs with bf16/fp16 weights, else the torch path."""
     if not (h.is_cuda and w1.dtype == w2.dtype and w1.dtype in (torch.bfloat16, torch.float16)):
         return patch_mlp(h, w1, w2, norm)
     return _patch_mlp_op(h.contiguous(), w1.contiguous(), w2.contiguous(), norm.weight, norm.eps)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2, load_dinov2, repa_target
 from model import MODELS, PixNerd, convert_official, load_weights
-from nerf_head import NerfHead, coordinate_encoding, patch_mlp
+from nerf_head import NerfHead, coordinate_encoding
 from text_encoder import TextEncoder, load_text_encoder
 import bench
 import fid
