@@ -277,7 +277,8 @@ class PixNerd(nn.Module):
         """torch.compile each transformer block and the head in place (regional compilation):
         the blocks share one compiled graph, so compile time is that of one block, and the
         state-dict keys stay unprefixed. Shapes are static by default: sampling alternates two
-        batch sizes (with and without the CFG branch), and dynamic-shape kernels run slower."""
+        batch sizes (with and without the CFG branch), and dynamic-shape kernels run slower. Past
+        torch's recompile limit (8 shapes per process) a block runs eagerly, still correct."""
         kwargs = {"dynamic": False, **kwargs}
         for block in [*self.blocks, *getattr(self, "text_blocks", [])]:
             block.compile(**kwargs)
