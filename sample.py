@@ -45,7 +45,7 @@ def save_grid(x, path, nrow=8):
 
 def bf16_linears(model):
     """Store every Linear's weight and bias in bf16, as autocast would cast them on every call: the
-    same numbers, cast once (at batch 1 those casts cost an L/16 forward as much as its matmuls).
+    same numbers, cast once (at batch 1 the casts move more bytes than the matmuls read).
     Norm gains and embeddings stay fp32, and so does the residual stream (the input's precision)."""
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
@@ -56,8 +56,8 @@ def bf16_linears(model):
 class CUDAGraphs:
     """model(*args, **kwargs), replayed from one CUDA graph per input signature.
 
-    Sampling at a small batch is launch-bound: an L/16 forward is about a thousand small kernels,
-    which the CPU issues more slowly than the GPU runs them; a graph issues them all at once.
+    Sampling at a small batch is launch-bound: an L/16 forward is hundreds of small kernels, which
+    the CPU issues more slowly than the GPU runs them; a graph issues them all at once.
     Inputs are copied into the graph's static buffers and the output is cloned, since the next
     replay overwrites it (the Adams solvers keep earlier velocities). On the CPU it calls the model.
     """
