@@ -103,11 +103,11 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def check(name, size, how, kernel, graphs, args, device):
+def check(name, head, batch, size, how, kernel, graphs, args, device):
     """Relative errors of the fast paths: bf16 autocast (compiled, fused kernel if on) against
     fp32 eager on the same weights; the fused kernel against the bf16 torch path, output and
     gradients; CUDA-graph sampling against plain calls. The zero-initialised output layer is
-    randomised so that every path contributes."""
+    randomised so that every path contributes. head and batch are fixed (nerf, 4)."""
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
     for p in model.head.out.parameters():
@@ -163,7 +163,7 @@ def main():
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast, {args.image_size}px")
     else:
         print(f"# CPU, torch {torch.__version__}, fp32, {args.image_size}px")
-    fns, seen = {"train": bench_train, "sample": bench_sample}, set()
+    fns, seen = {"train": bench_train, "sample": bench_sample, "check": check}, set()
     for what, name, head, how, kernel, graphs, batch in itertools.product(
             args.what, args.model, args.head, args.compile, args.kernel, args.cuda_graphs, args.batch_size):
         if what == "train":
@@ -179,10 +179,7 @@ def main():
         seen.add((what, name, head, how, kernel, graphs, batch))
         torch._dynamo.reset()
         try:
-            if what == "check":
-                r = check(name, args.image_size, how, kernel, graphs, args, device)
-            else:
-                r = fns[what](name, head, batch, args.image_size, how, kernel, graphs, args, device)
+            r = fns[what](name, head, batch, args.image_size, how, kernel, graphs, args, device)
         except torch.OutOfMemoryError:
             r = {"error": "out of memory"}
         cells = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())

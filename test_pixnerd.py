@@ -1793,7 +1793,7 @@ def test_fid_reads_sample_npz(trained, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 def test_bench_check_bf16_close_to_fp32():
-    err = bench.check("XS/16", 32, "none", "off", "off", None, torch.device("cpu"))["bf16_vs_fp32_v"]
+    err = bench.check("XS/16", "nerf", 4, 32, "none", "off", "off", None, torch.device("cpu"))["bf16_vs_fp32_v"]
     assert 0 < err <= 1e-2  # > 0: autocast did run in bf16
 
 
