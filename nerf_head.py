@@ -10,7 +10,9 @@ points: that is the training-free arbitrary-resolution trick of the paper (Fig. 
 
 Imports only torch, so this file can be copied out on its own.
 """
+import contextlib
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -92,15 +94,39 @@ def coordinate_encoding(kind, ph, pw, device=None, dtype=torch.float32):
 # The neural field
 # ---------------------------------------------------------------------------------------------
 
-def patch_mlp(h, w1, w2, norm):
-    """h + SiLU(norm(h) W1) W2 for each patch's own W1 (N, width, hidden), W2 (N, hidden, width);
-    h: (N, pixels, width). nerf_kernel.py holds a fused CUDA version of this function."""
-    return h + torch.bmm(F.silu(torch.bmm(norm(h), w1)), w2)
+def no_autocast(x):
+    """Autocast off on x's device (a no-op on devices without autocast, e.g. meta for FLOP counts)."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+
+
+def patch_mlp(h, w, norm, norm_w2=True):
+    """One residual layer of every patch's MLP: h + SiLU(norm(h) W1) W2 (Eq. 10).
+
+    h: (N, pixels, width) per-pixel features; w: (N, 2 * width * hidden), each patch's predicted
+    weights (Eq. 9), W1 (width, hidden) then W2 (hidden, width), stored (in, out).
+    Eq. 10 scales each output unit's weights to unit L2 norm. Since x (W diag(s)) = (x W) diag(s),
+    the scales s_j = 1 / |w_j| multiply the matmul outputs in fp32: the weights are rounded to the
+    matmul dtype once, as the generator wrote them, and no normalised copy is made. The matmuls
+    read operands in w's dtype (bf16 under autocast) and accumulate and return fp32.
+    nerf_kernel.py holds a fused CUDA version of this function (same arithmetic, on chip).
+    """
+    N, P, C = h.shape
+    dt = w.dtype
+    w1, w2 = w.chunk(2, dim=-1)
+    w1, w2 = w1.view(N, C, -1), w2.view(N, -1, C)                      # (N, C, hid), (N, hid, C)
+    s1 = 1 / torch.linalg.vector_norm(w1, dim=1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
+    s2 = 1 / torch.linalg.vector_norm(w2, dim=1, keepdim=True, dtype=torch.float32).clamp_min(1e-12) \
+        if norm_w2 else 1.0                                            # (N, 1, hid), (N, 1, C)
+    with no_autocast(h):
+        a = torch.bmm(norm(h).to(dt).float(), w1.float()) * s1        # (N, P, hid), fp32
+        o = torch.bmm(F.silu(a).to(dt).float(), w2.float()) * s2      # (N, P, C), fp32
+    return h + o.to(h.dtype)
 
 
 class NerfBlock(nn.Module):
     """One residual layer of the per-patch MLP. Its weights are predicted from s (Eq. 9),
-    row-wise normalised (Eq. 10), then h <- h + SiLU(RMSNorm(h) W1) W2 (no biases)."""
+    column-wise normalised (Eq. 10), then h <- h + SiLU(RMSNorm(h) W1) W2 (no biases)."""
 
     def __init__(self, cond_dim, width, mlp_ratio=2, norm_w2=True):
         super().__init__()
@@ -111,13 +137,7 @@ class NerfBlock(nn.Module):
 
     def forward(self, h, s):
         # h: (N, pixels, width) per-pixel features; s: (N, cond_dim) one vector per patch
-        w1, w2 = self.generator(s).chunk(2, dim=-1)
-        w1 = w1.view(-1, self.width, self.hidden)    # (N, in=width, out=hidden)
-        w2 = w2.view(-1, self.hidden, self.width)    # (N, in=hidden, out=width)
-        # Eq. 10: row-wise L2 normalisation, over the input dim of each output unit (in fp32).
-        w1 = F.normalize(w1.float(), dim=-2).to(w1.dtype)  # the generator's dtype: bf16 under autocast
-        w2 = F.normalize(w2.float(), dim=-2).to(w2.dtype) if self.norm_w2 else w2
-        return (self.fused or patch_mlp)(h, w1, w2, self.norm)
+        return (self.fused or patch_mlp)(h, self.generator(s), self.norm, self.norm_w2)
 
 
 class NerfHead(nn.Module):
@@ -146,13 +166,16 @@ class NerfHead(nn.Module):
     def forward(self, s, pixels, ph, pw):
         """s: (N, cond_dim); pixels: (N, ph*pw, C) noisy pixel values -> (N, ph*pw, C) velocity."""
         phi = coordinate_encoding(self.encoding, ph, pw, pixels.device)     # Eq. 12: (ph*pw, 64)
+        # The pixel-level Linears (C + 64 -> width, width -> C) run in the pixels' precision (fp32
+        # under autocast): they cost next to nothing, and noisy pixels rounded to bf16 would cost
+        # accuracy in the velocity. h: (N, ph*pw, width) is a residual stream like the transformer's.
         # Linear([x, phi]) = x Wx^T + (phi Wphi^T + b): the coordinate half is the same for every
         # patch, so it is computed once per pixel position instead of once per patch and pixel.
-        w = self.embed.weight
-        pos = F.linear(phi.to(w.dtype), w[:, self.channels:], self.embed.bias)  # (ph*pw, width)
-        # h: (N, ph*pw, width) in the pixels' dtype (fp32 under autocast), a residual stream like
-        # the transformer's; the matmuls of each layer run in bf16.
-        h = F.linear(pixels, w[:, :self.channels].to(pixels.dtype)) + pos.to(pixels.dtype)
+        dt, C = pixels.dtype, self.channels
+        with no_autocast(pixels):
+            w, b = self.embed.weight.to(dt), self.embed.bias.to(dt)
+            h = F.linear(pixels, w[:, :C]) + F.linear(phi.to(dt), w[:, C:], b)
         for block in self.blocks:
             h = block(h, s)
-        return self.out(self.norm_out(h))                                    # Eq. 11
+        with no_autocast(pixels):
+            return F.linear(self.norm_out(h), self.out.weight.to(dt), self.out.bias.to(dt))  # Eq. 11

@@ -7,10 +7,12 @@ it loads the patch's W1 and W2 once, runs its pixels through the MLP in on-chip 
 only the output. The backward recomputes the hidden activations from the layer's input instead of
 storing them, and sums the patch's weight gradients on chip.
 
-The rounding follows the torch path under bf16 autocast step by step (h in fp32 or bf16, W1 and W2
-in bf16 or fp16; normalised input, matmul outputs and SiLU rounded where torch rounds them), so
-the two agree to accumulation order; the tests and `bench.py --what check` compare them. Other
-inputs take the torch path: enable() adds a faster path, never a different function.
+The forward rounds where the torch path rounds (h in fp32 or bf16; the matmul operands in the
+weights' dtype, bf16 or fp16; fp32 accumulation and Eq. 10 scales), so the two agree to
+accumulation order. The backward's matmul operands are in the weights' dtype too (as autocast's
+would be) where the torch path differentiates fp32 matmuls, so gradients agree to that rounding.
+The tests and `bench.py --what check` compare them. Other inputs take the torch path: enable()
+adds a faster path, never a different function.
 
 A file of its own so that nerf_head.py stays torch-only: the scripts call enable(model) on a GPU.
 """
@@ -42,18 +44,18 @@ def supported(width, hidden):
     return all(d >= 16 and d & (d - 1) == 0 for d in (width, hidden))  # tl.dot tiles: powers of 2 >= 16
 
 
-def fused_patch_mlp(h, w1, w2, norm):
-    """patch_mlp(h, w1, w2, norm) through the kernel for CUDA inputs with bf16/fp16 weights, else the torch path."""
-    if not (h.is_cuda and w1.dtype == w2.dtype and w1.dtype in (torch.bfloat16, torch.float16)):
-        return patch_mlp(h, w1, w2, norm)
-    return _patch_mlp_op(h.contiguous(), w1.contiguous(), w2.contiguous(), norm.weight, norm.eps)
+def fused_patch_mlp(h, w, norm, norm_w2=True):
+    """patch_mlp(h, w, norm, norm_w2) through the kernel for CUDA inputs with bf16/fp16 weights, else the torch path."""
+    if not (h.is_cuda and w.dtype in (torch.bfloat16, torch.float16)):
+        return patch_mlp(h, w, norm, norm_w2)
+    return _patch_mlp_op(h.contiguous(), w.contiguous(), norm.weight, norm.eps, norm_w2)
 
 
 if triton is not None:
     @triton.jit
     def _rms_in(H, G, n, p0, P, eps, C: tl.constexpr, BP: tl.constexpr, HDT: tl.constexpr, DT: tl.constexpr):
         """For pixels p0..p0+BP of patch n: x (fp32), 1/rms(x), x_hat and RMSNorm(x) rounded to h's
-        dtype HDT, and RMSNorm(x) in the matmul dtype DT (as autocast casts it)."""
+        dtype HDT, and RMSNorm(x) in the matmul dtype DT."""
         offs_p = p0 + tl.arange(0, BP)
         offs_c = tl.arange(0, C)
         mask = offs_p[:, None] < P
@@ -66,88 +68,104 @@ if triton is not None:
         return x, r, xhat, g, xn, ptrs, mask
 
     @triton.jit
-    def _fwd_kernel(H, W1, W2, G, OUT, eps, P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr, BP: tl.constexpr,
-                    HDT: tl.constexpr, DT: tl.constexpr):
-        n = tl.program_id(0)
+    def _weights(W, n, C: tl.constexpr, HID: tl.constexpr, NORM2: tl.constexpr):
+        """Patch n's raw W1 (C, HID) and W2 (HID, C) and the Eq. 10 column scales 1/|w_j| (fp32)."""
         offs_c, offs_h = tl.arange(0, C), tl.arange(0, HID)
-        w1 = tl.load(W1 + n * C * HID + offs_c[:, None] * HID + offs_h[None, :])  # (C, HID)
-        w2 = tl.load(W2 + n * HID * C + offs_h[:, None] * C + offs_c[None, :])    # (HID, C)
+        w1_ptrs = n * 2 * C * HID + offs_c[:, None] * HID + offs_h[None, :]
+        w2_ptrs = n * 2 * C * HID + C * HID + offs_h[:, None] * C + offs_c[None, :]
+        w1, w2 = tl.load(W + w1_ptrs), tl.load(W + w2_ptrs)
+        w1f, w2f = w1.to(tl.float32), w2.to(tl.float32)
+        s1 = 1 / tl.maximum(tl.sqrt(tl.sum(w1f * w1f, axis=0)), 1e-12)            # (HID,)
+        if NORM2:
+            s2 = 1 / tl.maximum(tl.sqrt(tl.sum(w2f * w2f, axis=0)), 1e-12)        # (C,)
+        else:
+            s2 = tl.full((C,), 1.0, tl.float32)
+        return w1, w2, w1f, w2f, s1, s2, w1_ptrs, w2_ptrs
+
+    @triton.jit
+    def _fwd_kernel(H, W, G, OUT, eps, P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr, BP: tl.constexpr,
+                    HDT: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr):
+        n = tl.program_id(0)
+        w1, w2, w1f, w2f, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
         for p0 in range(0, P, BP):
             x, r, xhat, g, xn, ptrs, mask = _rms_in(H, G, n, p0, P, eps, C, BP, HDT, DT)
-            a = tl.dot(xn, w1).to(DT).to(tl.float32)                               # (BP, HID)
-            s = (a * tl.sigmoid(a)).to(DT)                                          # SiLU
-            o = tl.dot(s, w2).to(DT).to(tl.float32)                                # (BP, C)
+            a = tl.dot(xn, w1) * s1[None, :]                                        # (BP, HID) fp32
+            sg = (a * tl.sigmoid(a)).to(DT)                                         # SiLU
+            o = tl.dot(sg, w2) * s2[None, :]                                        # (BP, C) fp32
             tl.store(OUT + ptrs, (x + o).to(HDT), mask=mask)
 
     @triton.jit
-    def _bwd_kernel(H, W1, W2, G, DOUT, DH, DW1, DW2, DG, eps, P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr,
-                    BP: tl.constexpr, HDT: tl.constexpr, DT: tl.constexpr):
+    def _bwd_kernel(H, W, G, DOUT, DH, DW, DG, eps, P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr,
+                    BP: tl.constexpr, HDT: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr):
         n = tl.program_id(0)
-        offs_c, offs_h = tl.arange(0, C), tl.arange(0, HID)
-        w1_ptrs = n * C * HID + offs_c[:, None] * HID + offs_h[None, :]
-        w2_ptrs = n * HID * C + offs_h[:, None] * C + offs_c[None, :]
-        w1, w2 = tl.load(W1 + w1_ptrs), tl.load(W2 + w2_ptrs)
-        dw1 = tl.zeros((C, HID), tl.float32)
-        dw2 = tl.zeros((HID, C), tl.float32)
+        w1, w2, w1f, w2f, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
+        offs_c = tl.arange(0, C)
+        m1 = tl.zeros((C, HID), tl.float32)   # dL/dW1 through the matmul, scales included
+        m2 = tl.zeros((HID, C), tl.float32)
         dg = tl.zeros((C,), tl.float32)
         for p0 in range(0, P, BP):
             x, r, xhat, g, xn, ptrs, mask = _rms_in(H, G, n, p0, P, eps, C, BP, HDT, DT)
-            a = tl.dot(xn, w1).to(DT).to(tl.float32)                               # recomputed
+            a = tl.dot(xn, w1) * s1[None, :]                                        # recomputed
             sig = tl.sigmoid(a)
-            s = (a * sig).to(DT)
+            sg = (a * sig).to(DT)
             do = tl.load(DOUT + ptrs, mask=mask, other=0.0).to(tl.float32)          # (BP, C)
-            dob = do.to(DT)                                                         # autocast: bf16 grad
-            dw2 += tl.dot(tl.trans(s), dob)                                         # (HID, C)
-            ds = tl.dot(dob, tl.trans(w2)).to(DT).to(tl.float32)                   # (BP, HID)
-            da = (ds * sig * (1 + a * (1 - sig))).to(DT)                           # SiLU backward
-            dw1 += tl.dot(tl.trans(xn), da)                                         # (C, HID)
+            do_ = (do * s2[None, :]).to(DT)                                         # through o = (sg W2) s2
+            m2 += tl.dot(tl.trans(sg), do_)                                         # (HID, C)
+            dsg = tl.dot(do_, tl.trans(w2)).to(DT).to(tl.float32)                  # (BP, HID)
+            da = (dsg * sig * (1 + a * (1 - sig)) * s1[None, :]).to(DT)            # SiLU, then a = (xn W1) s1
+            m1 += tl.dot(tl.trans(xn), da)                                          # (C, HID)
             dxn = tl.dot(da, tl.trans(w1)).to(DT).to(HDT).to(tl.float32)           # (BP, C)
             dg += tl.sum(dxn * xhat.to(tl.float32), axis=0)
             dxhat = (dxn * g[None, :]).to(HDT).to(tl.float32)
             xr = x * r[:, None]                                                     # RMSNorm backward
             dx = r[:, None] * (dxhat - xr * (tl.sum(dxhat * xr, axis=1) / C)[:, None])
             tl.store(DH + ptrs, (do + dx).to(HDT), mask=mask)
-        tl.store(DW1 + w1_ptrs, dw1.to(DT))
-        tl.store(DW2 + w2_ptrs, dw2.to(DT))
+        # Eq. 10 backward: s_j = 1/|w_j| gives dW = M - W s_j^2 sum_i(W_ij M_ij) for the raw weights
+        dw1 = m1 - w1f * (s1 * s1 * tl.sum(w1f * m1, axis=0))[None, :]
+        dw2 = m2
+        if NORM2:
+            dw2 = m2 - w2f * (s2 * s2 * tl.sum(w2f * m2, axis=0))[None, :]
+        tl.store(DW + w1_ptrs, dw1.to(DT))
+        tl.store(DW + w2_ptrs, dw2.to(DT))
         tl.store(DG + n * C + offs_c, dg)
 
     _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
     _BP = 64  # pixels per inner step: 4 steps for a 16x16 patch
 
     @torch.library.custom_op("pixnerd::patch_mlp", mutates_args=())
-    def _patch_mlp_op(h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gain: torch.Tensor,
-                      eps: float) -> torch.Tensor:
+    def _patch_mlp_op(h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor, eps: float,
+                      norm_w2: bool) -> torch.Tensor:
         N, P, C = h.shape
         out = torch.empty_like(h)
-        _fwd_kernel[(N,)](h, w1, w2, gain, out, eps, P=P, C=C, HID=w1.shape[-1], BP=_BP, HDT=_DT[h.dtype],
-                          DT=_DT[w1.dtype], num_warps=4)
+        _fwd_kernel[(N,)](h, w, gain, out, eps, P=P, C=C, HID=w.shape[-1] // (2 * C), BP=_BP, HDT=_DT[h.dtype],
+                          DT=_DT[w.dtype], NORM2=norm_w2, num_warps=4)
         return out
 
     @_patch_mlp_op.register_fake
-    def _(h, w1, w2, gain, eps):
+    def _(h, w, gain, eps, norm_w2):
         return torch.empty_like(h)
 
     @torch.library.custom_op("pixnerd::patch_mlp_backward", mutates_args=())
-    def _patch_mlp_backward_op(dout: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                               gain: torch.Tensor, eps: float) -> list[torch.Tensor]:
+    def _patch_mlp_backward_op(dout: torch.Tensor, h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor,
+                               eps: float, norm_w2: bool) -> list[torch.Tensor]:
         N, P, C = h.shape
-        dh, dw1, dw2 = torch.empty_like(h), torch.empty_like(w1), torch.empty_like(w2)
+        dh, dw = torch.empty_like(h), torch.empty_like(w)
         dg = torch.empty(N, C, device=h.device, dtype=torch.float32)
-        _bwd_kernel[(N,)](h, w1, w2, gain, dout.contiguous(), dh, dw1, dw2, dg, eps, P=P, C=C, HID=w1.shape[-1],
-                          BP=_BP, HDT=_DT[h.dtype], DT=_DT[w1.dtype], num_warps=8)
-        return [dh, dw1, dw2, dg.sum(0).to(gain.dtype)]
+        _bwd_kernel[(N,)](h, w, gain, dout.contiguous(), dh, dw, dg, eps, P=P, C=C, HID=w.shape[-1] // (2 * C),
+                          BP=_BP, HDT=_DT[h.dtype], DT=_DT[w.dtype], NORM2=norm_w2, num_warps=8)
+        return [dh, dw, dg.sum(0).to(gain.dtype)]
 
     @_patch_mlp_backward_op.register_fake
-    def _(dout, h, w1, w2, gain, eps):
-        return [torch.empty_like(h), torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(gain)]
+    def _(dout, h, w, gain, eps, norm_w2):
+        return [torch.empty_like(h), torch.empty_like(w), torch.empty_like(gain)]
 
     def _setup_context(ctx, inputs, output):
-        h, w1, w2, gain, eps = inputs
-        ctx.save_for_backward(h, w1, w2, gain)
-        ctx.eps = eps
+        h, w, gain, eps, norm_w2 = inputs
+        ctx.save_for_backward(h, w, gain)
+        ctx.eps, ctx.norm_w2 = eps, norm_w2
 
     def _backward(ctx, dout):
-        dh, dw1, dw2, dg = _patch_mlp_backward_op(dout, *ctx.saved_tensors, ctx.eps)
-        return dh, dw1, dw2, dg, None
+        dh, dw, dg = _patch_mlp_backward_op(dout, *ctx.saved_tensors, ctx.eps, ctx.norm_w2)
+        return dh, dw, dg, None, None
 
     _patch_mlp_op.register_autograd(_backward, setup_context=_setup_context)

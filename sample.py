@@ -44,11 +44,14 @@ def save_grid(x, path, nrow=8):
 
 
 def bf16_linears(model):
-    """Store every Linear's weight and bias in bf16, as autocast would cast them on every call: the
-    same numbers, cast once (at batch 1 the casts move more bytes than the matmuls read).
-    Norm gains and embeddings stay fp32, and so does the residual stream (the input's precision)."""
+    """Store the Linear weights that autocast casts in bf16: the same numbers, cast once instead of
+    on every call (at batch 1 the casts move more bytes than the matmuls read). Norm gains,
+    embeddings, the residual stream and the neural field's pixel-level Linears (which run outside
+    autocast, nerf_head.py) stay fp32."""
+    head = getattr(model, "head", None)
+    fp32 = {id(getattr(head, "embed", None)), id(getattr(head, "out", None))}
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
+        if isinstance(m, torch.nn.Linear) and id(m) not in fp32:
             m.to(torch.bfloat16)
     return model
 

@@ -1806,27 +1806,25 @@ import torch, nerf_kernel
 from nerf_head import patch_mlp, RMSNorm
 torch.manual_seed(0)
 rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
-for N, P, C, hdt in [(3, 256, 64, torch.float32), (2, 100, 32, torch.float16)]:
+for N, P, C, hdt, norm_w2 in [(3, 256, 64, torch.float32, True), (2, 100, 32, torch.float16, False)]:
     norm = RMSNorm(C)
     norm.weight.data += 0.1 * torch.randn(C)
     h = torch.randn(N, P, C).to(hdt).requires_grad_()
-    w1, w2 = [torch.nn.functional.normalize(torch.randn(N, *s), dim=-2).half().requires_grad_()
-              for s in ((C, 2 * C), (2 * C, C))]
-    with torch.autocast("cpu", torch.float16):
-        ref = patch_mlp(h, w1, w2, norm)
-    out = nerf_kernel._patch_mlp_op(h, w1, w2, norm.weight, norm.eps)
+    w = (0.1 * torch.randn(N, 4 * C * C)).half().requires_grad_()
+    ref = patch_mlp(h, w, norm, norm_w2)
+    out = nerf_kernel._patch_mlp_op(h, w, norm.weight, norm.eps, norm_w2)
+    assert out.dtype == ref.dtype and rel(out, ref) < (1e-4 if hdt == torch.float32 else 1e-3), rel(out, ref)
     dout = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, (h, w1, w2, norm.weight), dout),
-                    torch.autograd.grad(ref, (h, w1, w2, norm.weight), dout)):
-        assert a.dtype == b.dtype and rel(a, b) < 1e-3, rel(a, b)
-    assert out.dtype == ref.dtype and rel(out, ref) < 1e-4, rel(out, ref)
+    for a, b in zip(torch.autograd.grad(out, (h, w, norm.weight), dout),
+                    torch.autograd.grad(ref, (h, w, norm.weight), dout)):
+        assert a.dtype == b.dtype and rel(a, b) < 2e-3, rel(a, b)  # the kernel's backward operands are fp16
 print("kernel ok")
 """
 
 
 def test_fused_kernel_matches_torch_path_or_falls_back():
     """With Triton installed, the kernel runs in Triton's CPU interpreter against the torch path
-    (fp16: the interpreter mishandles bf16), forward and all four gradients. Without Triton (CI),
+    (fp16: the interpreter mishandles bf16), forward and all three gradients. Without Triton (CI),
     enable() routes nothing and the model computes exactly what it did."""
     if importlib.util.find_spec("triton"):
         r = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=os.path.dirname(__file__) or ".",
@@ -1856,7 +1854,7 @@ def test_fused_hook_and_cpu_fallback():
             block.fused = lambda *a: calls.append(1) or nerf_kernel.fused_patch_mlp(*a)
         assert torch.equal(model(x, t, y), ref) and len(calls) == 2
         for block in model.head.blocks:
-            block.fused = lambda h, w1, w2, norm: h  # skip the layer
+            block.fused = lambda h, w, norm, norm_w2: h  # skip the layer
         assert not torch.allclose(model(x, t, y), ref, atol=1e-3)  # the hook's result is what the head uses
 
 
