@@ -70,10 +70,14 @@ def rope_2d(ht, wt, head_dim, mode="normalized", theta=10000.0, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs of x (B, N, heads, hd) by the angles of (cos, sin) (N, hd/2)."""
-    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    """Rotate interleaved pairs (a, b) of x (B, N, heads, hd) to (a cos - b sin, a sin + b cos),
+    angles from (cos, sin) (N, hd/2). Written as pairs * cos + (-b, a) * sin: Inductor fuses this
+    form with the q/k RMSNorm into one pass (the form with two outputs stacked made it a kernel
+    that took 30% of a batch-128 forward)."""
+    pairs = x.unflatten(-1, (-1, 2))                                    # (B, N, H, hd/2, 2)
+    swapped = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1)      # (-b, a)
+    cos, sin = cos[:, None, :, None].to(x.dtype), sin[:, None, :, None].to(x.dtype)
+    return (pairs * cos + swapped * sin).flatten(-2)
 
 
 # ---------------------------------------------------------------------------------------------

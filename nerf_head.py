@@ -95,9 +95,9 @@ def coordinate_encoding(kind, ph, pw, device=None, dtype=torch.float32):
 # ---------------------------------------------------------------------------------------------
 
 def no_autocast(x):
-    """Autocast off on x's device (a no-op on devices without autocast, e.g. meta for FLOP counts)."""
+    """Autocast off on x's device (meta tensors, used to count FLOPs, have no autocast)."""
     device = x.device.type
-    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    return contextlib.nullcontext() if device == "meta" else torch.autocast(device, enabled=False)
 
 
 def patch_mlp(h, w, norm, norm_w2=True):

@@ -80,13 +80,13 @@ if triton is not None:
             s2 = 1 / tl.maximum(tl.sqrt(tl.sum(w2f * w2f, axis=0)), 1e-12)        # (C,)
         else:
             s2 = tl.full((C,), 1.0, tl.float32)
-        return w1, w2, w1f, w2f, s1, s2, w1_ptrs, w2_ptrs
+        return w1, w2, s1, s2, w1_ptrs, w2_ptrs
 
     @triton.jit
     def _fwd_kernel(H, W, G, OUT, eps, P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr, BP: tl.constexpr,
                     HDT: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr):
         n = tl.program_id(0)
-        w1, w2, w1f, w2f, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
+        w1, w2, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
         for p0 in range(0, P, BP):
             x, r, xhat, g, xn, ptrs, mask = _rms_in(H, G, n, p0, P, eps, C, BP, HDT, DT)
             a = tl.dot(xn, w1) * s1[None, :]                                        # (BP, HID) fp32
@@ -98,7 +98,7 @@ if triton is not None:
     def _bwd_kernel(H, W, G, DOUT, DH, DW, DG, eps, P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr,
                     BP: tl.constexpr, HDT: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr):
         n = tl.program_id(0)
-        w1, w2, w1f, w2f, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
+        w1, w2, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
         offs_c = tl.arange(0, C)
         m1 = tl.zeros((C, HID), tl.float32)   # dL/dW1 through the matmul, scales included
         m2 = tl.zeros((HID, C), tl.float32)
@@ -121,24 +121,30 @@ if triton is not None:
             dx = r[:, None] * (dxhat - xr * (tl.sum(dxhat * xr, axis=1) / C)[:, None])
             tl.store(DH + ptrs, (do + dx).to(HDT), mask=mask)
         # Eq. 10 backward: s_j = 1/|w_j| gives dW = M - W s_j^2 sum_i(W_ij M_ij) for the raw weights
+        w1f = w1.to(tl.float32)
         dw1 = m1 - w1f * (s1 * s1 * tl.sum(w1f * m1, axis=0))[None, :]
         dw2 = m2
         if NORM2:
+            w2f = w2.to(tl.float32)
             dw2 = m2 - w2f * (s2 * s2 * tl.sum(w2f * m2, axis=0))[None, :]
         tl.store(DW + w1_ptrs, dw1.to(DT))
         tl.store(DW + w2_ptrs, dw2.to(DT))
         tl.store(DG + n * C + offs_c, dg)
 
     _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-    _BP = 64  # pixels per inner step: 4 steps for a 16x16 patch
+    # BP: pixels per inner step. Picked by timing BP 16-128, 4 or 8 warps and 1-3 stages at L/16
+    # batch-64 shapes on an H200. The backward holds two (width x hidden) fp32 accumulators, and a
+    # smaller pixel tile keeps it from spilling registers.
+    _FWD = dict(BP=64, num_warps=4, num_stages=3)
+    _BWD = dict(BP=32, num_warps=4, num_stages=2)
 
     @torch.library.custom_op("pixnerd::patch_mlp", mutates_args=())
     def _patch_mlp_op(h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor, eps: float,
                       norm_w2: bool) -> torch.Tensor:
         N, P, C = h.shape
         out = torch.empty_like(h)
-        _fwd_kernel[(N,)](h, w, gain, out, eps, P=P, C=C, HID=w.shape[-1] // (2 * C), BP=_BP, HDT=_DT[h.dtype],
-                          DT=_DT[w.dtype], NORM2=norm_w2, num_warps=4)
+        _fwd_kernel[(N,)](h, w, gain, out, eps, P=P, C=C, HID=w.shape[-1] // (2 * C), HDT=_DT[h.dtype],
+                          DT=_DT[w.dtype], NORM2=norm_w2, **_FWD)
         return out
 
     @_patch_mlp_op.register_fake
@@ -152,7 +158,7 @@ if triton is not None:
         dh, dw = torch.empty_like(h), torch.empty_like(w)
         dg = torch.empty(N, C, device=h.device, dtype=torch.float32)
         _bwd_kernel[(N,)](h, w, gain, dout.contiguous(), dh, dw, dg, eps, P=P, C=C, HID=w.shape[-1] // (2 * C),
-                          BP=_BP, HDT=_DT[h.dtype], DT=_DT[w.dtype], NORM2=norm_w2, num_warps=8)
+                          HDT=_DT[h.dtype], DT=_DT[w.dtype], NORM2=norm_w2, **_BWD)
         return [dh, dw, dg.sum(0).to(gain.dtype)]
 
     @_patch_mlp_backward_op.register_fake
