@@ -4,6 +4,7 @@
     python bench.py --model L/16 --head nerf linear --kernel on off        # what the head costs
     python bench.py --what sample --model L/16 --batch-size 1 64
     python bench.py --what check --model L/16 XL/16                        # numerics of the fast paths
+    python bench.py --model L/16 --batch-size 64 --profile 30              # where the step's time goes
     python bench.py --model S/16 --image-size 32 --batch-size 2 --iters 2 --warmup 1   # CPU smoke
 
 A training step is the one train.py runs: flow-matching loss (REPA off), backward, fused AdamW,
@@ -36,7 +37,8 @@ def prepared(model, how, kernel):
     return model
 
 
-def timed(fn, iters, warmup, device):
+def timed(fn, iters, warmup, device, profile=0):
+    """Seconds per call and peak GiB; profile > 0 also prints the top kernels of one more call."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
@@ -47,8 +49,18 @@ def timed(fn, iters, warmup, device):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / iters
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    return (time.perf_counter() - t0) / iters, mem
+    if profile:
+        from torch.profiler import ProfilerActivity
+        gpu = device.type == "cuda"
+        with torch.profiler.profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+            fn()
+            if gpu:
+                torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total",
+                                        row_limit=profile, max_name_column_width=60))
+    return dt, mem
 
 
 def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
@@ -74,7 +86,7 @@ def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
     t_compile = time.perf_counter()
     step()
     t_compile = time.perf_counter() - t_compile
-    dt, mem = timed(step, args.iters, args.warmup, device)
+    dt, mem = timed(step, args.iters, args.warmup, device, args.profile)
     flops = count_flops(config, size)
     return dict(s_per_iter=dt, img_per_s=batch / dt, mfu=3 * flops * batch / dt / PEAK_FLOPS,
                 peak_gib=mem, first_step_s=t_compile)
@@ -95,7 +107,7 @@ def bench_sample(name, head, batch, size, how, kernel, graphs, args, device):
     t_first = time.perf_counter()
     run()
     t_first = time.perf_counter() - t_first
-    dt, mem = timed(run, max(1, args.iters // 10), 0, device)
+    dt, mem = timed(run, max(1, args.iters // 10), 0, device, args.profile)
     return dict(first_run_s=t_first, s_per_step=dt / args.sample_steps, s_per_image=dt / batch, img_per_s=batch / dt, peak_gib=mem)
 
 
@@ -156,6 +168,9 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also print the N kernels with the most time in one more step (torch profiler); "
+                        "with --what sample use --cuda-graphs off to see inside the model")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

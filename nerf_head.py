@@ -126,7 +126,8 @@ def patch_mlp(h, w, norm, norm_w2=True):
 
 class NerfBlock(nn.Module):
     """One residual layer of the per-patch MLP. Its weights are predicted from s (Eq. 9),
-    column-wise normalised (Eq. 10), then h <- h + SiLU(RMSNorm(h) W1) W2 (no biases)."""
+    row-wise normalised (Eq. 10: each output unit's weights over its inputs), then
+    h <- h + SiLU(RMSNorm(h) W1) W2 (no biases)."""
 
     def __init__(self, cond_dim, width, mlp_ratio=2, norm_w2=True):
         super().__init__()

@@ -3,9 +3,10 @@
 nerf_head.patch_mlp computes h + SiLU(RMSNorm(h) W1) W2 for every pixel of every patch with
 batched matmuls, so each layer writes and keeps several (patches, pixels, 2 x width) tensors: for
 an L/16 batch of 64 at 256 px, 4.2M pixels x 128 channels each. Here one program owns one patch:
-it loads the patch's W1 and W2 once, runs its pixels through the MLP in on-chip memory and writes
-only the output. The backward recomputes the hidden activations from the layer's input instead of
-storing them, and sums the patch's weight gradients on chip.
+it loads the patch's predicted W1 and W2 once, computes their Eq. 10 scales, runs its pixels
+through the MLP in on-chip memory and writes only the output. The backward recomputes the hidden
+activations from the layer's input instead of storing them, and sums the patch's weight gradients
+on chip, through the normalisation, so neither pass writes a normalised copy of the weights.
 
 The forward rounds where the torch path rounds (h in fp32 or bf16; the matmul operands in the
 weights' dtype, bf16 or fp16; fp32 accumulation and Eq. 10 scales), so the two agree to

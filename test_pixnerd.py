@@ -1886,6 +1886,16 @@ def test_bench_cli_prints_train_and_sample_rows(tmp_path):
     assert values["img_per_s"] > 0 and values["s_per_iter"] > 0
 
 
+def test_bench_profile_prints_top_ops(tmp_path):
+    r = cli("bench.py", "--model", "XS/16", "--image-size", 32, "--batch-size", 2, "--iters", 1, "--warmup", 0,
+            "--compile", "none", "--profile", 4, cwd=tmp_path)
+    lines = r.stdout.splitlines()
+    rules = [i for i, line in enumerate(lines) if set(line.strip()) == {"-", " "}]
+    rows = lines[rules[1] + 1:rules[2]]
+    assert len(rows) == 4 and any("aten::" in row for row in rows)  # the 4 with the most self time
+    assert r.stdout.splitlines()[-1].startswith("train  XS/16")
+
+
 def test_repa_training_path(tmp_path):
     """--repa-encoder: a DINOv2 ViT-B/14 file is loaded, the projector joins the optimizer and the
     checkpoint, and the loss is fm + 0.5 repa with repa in [0, 2]."""
