@@ -133,9 +133,9 @@ if triton is not None:
         tl.store(DG + n * C + offs_c, dg)
 
     _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-    # BP: pixels per inner step. Picked by timing BP 16-128, 4 or 8 warps and 1-3 stages at L/16
-    # batch-64 shapes on an H200. The backward holds two (width x hidden) fp32 accumulators, and a
-    # smaller pixel tile keeps it from spilling registers.
+    # BP: pixels per inner step, picked by timing BP 16-128, 4 or 8 warps and 1-3 stages at L/16
+    # batch-64 shapes. The backward holds two (width x hidden) fp32 accumulators; with 64-pixel
+    # tiles and 8 warps it took twice as long (bench.py --profile, H100; register spills, we think).
     _FWD = dict(BP=64, num_warps=4, num_stages=3)
     _BWD = dict(BP=32, num_warps=4, num_stages=2)
 
