@@ -119,17 +119,25 @@ def check(name, head, batch, size, how, kernel, graphs, args, device):
     """Relative errors of the fast paths: bf16 autocast (compiled, fused kernel if on) against
     fp32 eager on the same weights; the fused kernel against the bf16 torch path, output and
     gradients; CUDA-graph sampling against plain calls. The zero-initialised output layer is
-    randomised so that every path contributes. head and batch are fixed (nerf, 4)."""
+    randomised so that every path contributes. head and batch are fixed (nerf, 4). Text-to-image
+    models get random text features with padding masks of lengths 3, 16, 40 and all."""
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
     for p in model.head.out.parameters():
         torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(4, 3, size, size, device=device)
-    t, y = torch.rand(4, device=device), torch.randint(0, 1000, (4,), device=device)
+    t = torch.rand(4, device=device)
+    if model.text_dim is None:  # the condition and the CFG null condition, as tuples of model arguments
+        y, null = (torch.randint(0, 1000, (4,), device=device),), (torch.full((4,), 1000, device=device),)
+    else:
+        L = model.text_pos.shape[1]
+        mask = torch.arange(L, device=device) < torch.tensor([[3], [16], [40], [L]], device=device)
+        y = (torch.randn(4, L, model.text_dim, device=device), mask)
+        null = (torch.zeros_like(y[0]), torch.zeros_like(mask))
     autocast = torch.autocast(device.type, torch.bfloat16)
     with torch.no_grad():
         torch.backends.cuda.matmul.allow_tf32 = False
-        ref = model(x, t, y)
+        ref = model(x, t, *y)
         torch.backends.cuda.matmul.allow_tf32 = True
     r = {}
     if kernel == "on":  # fused kernel vs the bf16 torch path, forward and backward
@@ -138,17 +146,18 @@ def check(name, head, batch, size, how, kernel, graphs, args, device):
             nerf_kernel.enable(model, on)
             model.zero_grad(set_to_none=True)
             with autocast:
-                v = model(x, t, y)
+                v = model(x, t, *y)
             v.float().square().mean().backward()
             outs.append((v.detach(), [p.grad.clone() for p in model.head.parameters()]))
         r["kernel_vs_torch_v"] = rel(outs[1][0], outs[0][0])
         r["kernel_vs_torch_head_grads"] = max(rel(a, b) for a, b in zip(outs[1][1], outs[0][1]))
     prepared(model, how, kernel)
     with torch.no_grad(), autocast:
-        r["bf16_vs_fp32_v"] = rel(model(x, t, y), ref)
+        r["bf16_vs_fp32_v"] = rel(model(x, t, *y), ref)
         if graphs == "on" and device.type == "cuda":  # sample.py's path: bf16 Linears, CUDA graphs
-            fn = guided(model, y, torch.full_like(y, 1000), 3.5, (0.1, 1.0))
-            fast = guided(CUDAGraphs(bf16_linears(copy.deepcopy(model))), y, torch.full_like(y, 1000), 3.5, (0.1, 1.0))
+            cond = (y, null) if model.text_dim else (y[0], null[0])
+            fn = guided(model, *cond, 3.5, (0.1, 1.0))
+            fast = guided(CUDAGraphs(bf16_linears(copy.deepcopy(model))), *cond, 3.5, (0.1, 1.0))
             r["sample_py_vs_plain_sample"] = rel(sample(fast, x, 10), sample(fn, x, 10))
     return r
 

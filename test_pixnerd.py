@@ -1793,8 +1793,9 @@ def test_fid_reads_sample_npz(trained, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 def test_bench_check_bf16_close_to_fp32():
-    err = bench.check("XS/16", "nerf", 4, 32, "none", "off", "off", None, torch.device("cpu"))["bf16_vs_fp32_v"]
-    assert 0 < err <= 1e-2  # > 0: autocast did run in bf16
+    for name in ("XS/16", "T2I-XS/16"):  # class labels; text features with padding masks
+        err = bench.check(name, "nerf", 4, 32, "none", "off", "off", None, torch.device("cpu"))["bf16_vs_fp32_v"]
+        assert 0 < err <= 1e-2, (name, err)  # > 0: autocast did run in bf16
 
 
 # ---------------------------------------------------------------------------------------------
