@@ -29,7 +29,7 @@ def drop_condition(y, null, p, generator=None):
     if not isinstance(y, tuple):
         return drop_condition((y,), (null,), p, generator)[0]
     drop = torch.rand(y[0].shape[0], device=y[0].device, generator=generator) < p
-    return tuple(torch.where(drop.view(-1, *[1] * (v.dim() - 1)), torch.as_tensor(n, device=v.device, dtype=v.dtype), v)
+    return tuple(torch.where(drop.view(-1, *[1] * (v.dim() - 1)), n, v)
                  for v, n in zip(y, null))
 
 

@@ -948,6 +948,25 @@ def test_pos_embed_interpolation_matches_naive_bicubic_with_offset():
     torch.testing.assert_close(got[0, 1:].reshape(gh, gw, -1), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_swiglu_alignment_padding_changes_nothing():
+    """A hidden width that is not a multiple of 8 is zero-padded inside forward (cuBLAS alignment);
+    output and gradients equal the unpadded formula and the parameters keep their shapes."""
+    from model import SwiGLU
+    torch.manual_seed(0)
+    mlp = SwiGLU(16, 10).double()
+    assert mlp.pad == 6 and mlp.fc1.weight.shape == (20, 16) and mlp.fc2.weight.shape == (16, 10)
+    x = torch.randn(3, 5, 16, dtype=torch.double)
+    out = mlp(x)
+    gate, value = (x @ mlp.fc1.weight.T).chunk(2, -1)
+    ref = (F.silu(gate) * value) @ mlp.fc2.weight.T
+    torch.testing.assert_close(out, ref)
+    g = torch.autograd.grad(out.square().sum(), list(mlp.parameters()))
+    g_ref = torch.autograd.grad(ref.square().sum(), list(mlp.parameters()))
+    for a, b in zip(g, g_ref):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+
+
 def test_attention_equals_per_head_loop():
     """qkv rows are [q | k | v], each head-major; scale 1/sqrt(head_dim)."""
     attn = tiny().blocks[0].attn

@@ -256,6 +256,9 @@ def count_flops(config, image_size):
         m = MODELS[config["name"]](**config["kwargs"])
         x = torch.empty(1, 3, image_size, image_size)
         y = torch.zeros(1, dtype=torch.long) if m.text_dim is None else torch.empty(1, m.text_pos.shape[1], m.text_dim)
+        for block in m.modules():  # the model's FLOPs, not those of SwiGLU's alignment padding
+            if hasattr(block, "pad"):
+                block.pad = 0
         with FlopCounterMode(display=False) as counter:
             m(x, torch.empty(1), y)
     return counter.get_total_flops()
