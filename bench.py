@@ -118,9 +118,10 @@ def rel(a, b):
 def check(name, head, batch, size, how, kernel, graphs, args, device):
     """Relative errors of the fast paths: bf16 autocast (compiled, fused kernel if on) against
     fp32 eager on the same weights; the fused kernel against the bf16 torch path, output and
-    gradients; CUDA-graph sampling against plain calls. The zero-initialised output layer is
-    randomised so that every path contributes. head and batch are fixed (nerf, 4). Text-to-image
-    models get random text features with padding masks of lengths 3, 16, 40 and all."""
+    gradients, and the whole-field inference kernel; CUDA-graph sampling against plain calls.
+    The zero-initialised output layer is randomised so that every path contributes. head and
+    batch are fixed (nerf, 4). Text-to-image models get random text features with padding masks
+    of lengths 3, 16, 40 and all."""
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
     for p in model.head.out.parameters():
@@ -151,6 +152,10 @@ def check(name, head, batch, size, how, kernel, graphs, args, device):
             outs.append((v.detach(), [p.grad.clone() for p in model.head.parameters()]))
         r["kernel_vs_torch_v"] = rel(outs[1][0], outs[0][0])
         r["kernel_vs_torch_head_grads"] = max(rel(a, b) for a, b in zip(outs[1][1], outs[0][1]))
+        with torch.no_grad(), autocast:  # inference: the whole-field kernel against the torch path
+            fast = model(x, t, *y)
+            nerf_kernel.enable(model, False)
+            r["field_kernel_vs_torch_v"] = rel(fast, model(x, t, *y))
     prepared(model, how, kernel)
     with torch.no_grad(), autocast:
         r["bf16_vs_fp32_v"] = rel(model(x, t, *y), ref)

@@ -163,9 +163,14 @@ class NerfHead(nn.Module):
         self.out = nn.Linear(width, channels)  # Eq. 11, zero-initialised as the official code
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.fused = None  # set by nerf_kernel.enable(): this forward in one kernel, for inference
 
     def forward(self, s, pixels, ph, pw):
         """s: (N, cond_dim); pixels: (N, ph*pw, C) noisy pixel values -> (N, ph*pw, C) velocity."""
+        if self.fused is not None and not torch.is_grad_enabled():
+            v = self.fused(self, s, pixels, ph, pw)
+            if v is not None:
+                return v
         phi = coordinate_encoding(self.encoding, ph, pw, pixels.device)     # Eq. 12: (ph*pw, 64)
         # The pixel-level Linears (C + 64 -> width, width -> C) run in the pixels' precision (fp32
         # under autocast): they cost next to nothing, and noisy pixels rounded to bf16 would cost

@@ -1,4 +1,5 @@
-"""The neural field's residual layer as one fused Triton kernel (CUDA; optional).
+"""The neural field's residual layer, and the whole field for inference, as fused Triton kernels
+(CUDA; optional).
 
 nerf_head.patch_mlp computes h + SiLU(RMSNorm(h) W1) W2 for every pixel of every patch with
 batched matmuls, so each layer writes and keeps several (patches, pixels, 2 x width) tensors: for
@@ -7,6 +8,8 @@ it loads the patch's predicted W1 and W2 once, computes their Eq. 10 scales, run
 through the MLP in on-chip memory and writes only the output. The backward recomputes the hidden
 activations from the layer's input instead of storing them, and sums the patch's weight gradients
 on chip, through the normalisation, so neither pass writes a normalised copy of the weights.
+For inference (no gradients) a second kernel runs the whole head of a patch on chip, embedding,
+every layer and the output projection, and writes only the velocity.
 
 The forward rounds where the torch path rounds (h in fp32 or bf16; the matmul operands in the
 weights' dtype, bf16 or fp16; fp32 accumulation and Eq. 10 scales), so the two agree to
@@ -19,7 +22,9 @@ A file of its own so that nerf_head.py stays torch-only: the scripts call enable
 """
 import torch
 
-from nerf_head import NerfBlock, patch_mlp
+import torch.nn.functional as F
+
+from nerf_head import NerfBlock, NerfHead, RMSNorm, coordinate_encoding, no_autocast, patch_mlp
 
 try:
     import triton
@@ -33,11 +38,15 @@ def available():
 
 
 def enable(model, on=True):
-    """Route every neural-field layer of `model` through the fused kernel where it applies (or,
-    on=False, back to the torch path). Returns the number of layers routed (0 without Triton or CUDA)."""
+    """Route every neural-field layer of `model` through the fused kernel where it applies, and
+    inference through the whole-field kernel (or, on=False, both back to the torch path). Returns
+    the number of layers routed (0 without Triton or CUDA)."""
     blocks = [m for m in model.modules() if isinstance(m, NerfBlock)]
     for m in blocks:
         m.fused = fused_patch_mlp if on and available() and supported(m.width, m.hidden) else None
+    for m in model.modules():
+        if isinstance(m, NerfHead):
+            m.fused = fused_head if all(b.fused for b in m.blocks) else None
     return sum(m.fused is not None for m in blocks)
 
 
@@ -52,21 +61,61 @@ def fused_patch_mlp(h, w, norm, norm_w2=True):
     return _patch_mlp_op(h.contiguous(), w.contiguous(), norm.weight, norm.eps, norm_w2)
 
 
+def fused_head(head, s, pixels, ph, pw):
+    """NerfHead.forward for inference (no gradients) in one kernel: a patch's embedding, layers and
+    output projection run on chip, so no (patches, pixels, width) tensor goes to memory (at L/16
+    batch 128 those fp32 tensors were most of the head's time). None where the kernel does not
+    apply and the head takes its torch path: CPU tensors, pixels not in fp32, more than 4 layers,
+    generator outputs in fp32 (no autocast)."""
+    return _fused_head(head, s, pixels, ph, pw) if pixels.is_cuda else None
+
+
+def _fused_head(head, s, pixels, ph, pw):  # the device check apart, for the interpreter test
+    blocks, C = head.blocks, head.channels
+    if pixels.dtype != torch.float32 or len(blocks) > 4:
+        return None
+    ws = [b.generator(s) for b in blocks]                                   # (N, 2 * width * hidden)
+    if ws[0].dtype not in (torch.bfloat16, torch.float16):  # fp32 without autocast: the torch path's matmuls
+        return None
+    phi = coordinate_encoding(head.encoding, ph, pw, pixels.device)        # (ph*pw, 64)
+    with no_autocast(pixels):
+        w = head.embed.weight.float()
+        e = F.linear(phi, w[:, C:], head.embed.bias.float())                # (ph*pw, width), all patches
+    norm_out = isinstance(head.norm_out, RMSNorm)
+    go, eps_out = (head.norm_out.weight, head.norm_out.eps) if norm_out else (w[0], 0.0)
+    return _field_op(pixels.contiguous(), e, w[:, :C].contiguous(), ws, [b.norm.weight for b in blocks], go,
+                     head.out.weight.float(), head.out.bias.float(), blocks[0].norm.eps, eps_out,
+                     blocks[0].norm_w2, norm_out)
+
+
 if triton is not None:
     @triton.jit
+    def _rms(x, G, eps, C: tl.constexpr, HDT: tl.constexpr, DT: tl.constexpr):
+        """RMSNorm of the rows of x (BP, C) fp32 as nerf_head.RMSNorm rounds it for dtype HDT:
+        1/rms(x), x_hat and the gain in HDT, and RMSNorm(x) in the matmul dtype DT."""
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / C + eps)                               # (BP,)
+        xhat = (x * r[:, None]).to(HDT)                                             # torch: y.to(dtype)
+        g = tl.load(G + tl.arange(0, C)).to(HDT).to(tl.float32)                     # gain.to(dtype)
+        xn = (xhat.to(tl.float32) * g[None, :]).to(HDT).to(DT)                     # (BP, C)
+        return r, xhat, g, xn
+
+    @triton.jit
     def _rms_in(H, G, n, p0, P, eps, C: tl.constexpr, BP: tl.constexpr, HDT: tl.constexpr, DT: tl.constexpr):
-        """For pixels p0..p0+BP of patch n: x (fp32), 1/rms(x), x_hat and RMSNorm(x) rounded to h's
-        dtype HDT, and RMSNorm(x) in the matmul dtype DT."""
+        """Pixels p0..p0+BP of patch n: x (fp32) loaded from H, and _rms(x)."""
         offs_p = p0 + tl.arange(0, BP)
         offs_c = tl.arange(0, C)
         mask = offs_p[:, None] < P
         ptrs = n * P * C + offs_p[:, None] * C + offs_c[None, :]
         x = tl.load(H + ptrs, mask=mask, other=0.0).to(tl.float32)                # (BP, C)
-        r = tl.rsqrt(tl.sum(x * x, axis=1) / C + eps)                               # (BP,)
-        xhat = (x * r[:, None]).to(HDT)                                             # torch: y.to(dtype)
-        g = tl.load(G + offs_c).to(HDT).to(tl.float32)                              # gain.to(dtype)
-        xn = (xhat.to(tl.float32) * g[None, :]).to(HDT).to(DT)                     # (BP, C)
+        r, xhat, g, xn = _rms(x, G, eps, C, HDT, DT)
         return x, r, xhat, g, xn, ptrs, mask
+
+    @triton.jit
+    def _mlp(xn, w1, w2, s1, s2, DT: tl.constexpr):
+        """SiLU(xn W1 diag(s1)) W2 diag(s2): fp32 accumulation, the hidden layer rounded to DT."""
+        a = tl.dot(xn, w1) * s1[None, :]                                            # (BP, HID) fp32
+        sg = (a * tl.sigmoid(a)).to(DT)                                             # SiLU
+        return tl.dot(sg, w2) * s2[None, :]                                         # (BP, C) fp32
 
     @triton.jit
     def _weights(W, n, C: tl.constexpr, HID: tl.constexpr, NORM2: tl.constexpr):
@@ -90,10 +139,45 @@ if triton is not None:
         w1, w2, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
         for p0 in range(0, P, BP):
             x, r, xhat, g, xn, ptrs, mask = _rms_in(H, G, n, p0, P, eps, C, BP, HDT, DT)
-            a = tl.dot(xn, w1) * s1[None, :]                                        # (BP, HID) fp32
-            sg = (a * tl.sigmoid(a)).to(DT)                                         # SiLU
-            o = tl.dot(sg, w2) * s2[None, :]                                        # (BP, C) fp32
-            tl.store(OUT + ptrs, (x + o).to(HDT), mask=mask)
+            tl.store(OUT + ptrs, (x + _mlp(xn, w1, w2, s1, s2, DT)).to(HDT), mask=mask)
+
+    @triton.jit
+    def _layer(h, W, G, n, eps, C: tl.constexpr, HID: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr):
+        """One neural-field layer on a tile h (BP, C) held in registers (fp32)."""
+        w1, w2, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
+        r, xhat, g, xn = _rms(h, G, eps, C, tl.float32, DT)
+        return h + _mlp(xn, w1, w2, s1, s2, DT)
+
+    @triton.jit
+    def _field_kernel(PIX, E, WX, W0, W1, W2, W3, G0, G1, G2, G3, GO, WO, BO, OUT, eps, eps_out,
+                      P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr, CH: tl.constexpr,
+                      DEPTH: tl.constexpr, BP: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr,
+                      NORM_OUT: tl.constexpr):
+        """The whole field of patch n, pixel tile by pixel tile: embedding, DEPTH layers, output
+        norm and projection, in fp32 registers; only the CH output channels go to memory."""
+        n = tl.program_id(0)
+        offs_c = tl.arange(0, C)
+        for p0 in range(0, P, BP):
+            offs_p = p0 + tl.arange(0, BP)
+            pmask = offs_p < P
+            # Linear([x, phi]): E = phi Wphi^T + b (same for every patch) plus x Wx^T, CH products
+            h = tl.load(E + offs_p[:, None] * C + offs_c[None, :], mask=pmask[:, None], other=0.0)
+            for ch in tl.static_range(CH):
+                px = tl.load(PIX + (n * P + offs_p) * CH + ch, mask=pmask, other=0.0)
+                h += px[:, None] * tl.load(WX + offs_c * CH + ch)[None, :]
+            h = _layer(h, W0, G0, n, eps, C, HID, DT, NORM2)
+            if DEPTH > 1:
+                h = _layer(h, W1, G1, n, eps, C, HID, DT, NORM2)
+            if DEPTH > 2:
+                h = _layer(h, W2, G2, n, eps, C, HID, DT, NORM2)
+            if DEPTH > 3:
+                h = _layer(h, W3, G3, n, eps, C, HID, DT, NORM2)
+            if NORM_OUT:
+                r, xhat, g, xn = _rms(h, GO, eps_out, C, tl.float32, tl.float32)
+                h = xn
+            for ch in tl.static_range(CH):  # Eq. 11: width -> CH
+                o = tl.sum(h * tl.load(WO + ch * C + offs_c)[None, :], axis=1) + tl.load(BO + ch)
+                tl.store(OUT + (n * P + offs_p) * CH + ch, o, mask=pmask)
 
     @triton.jit
     def _bwd_kernel(H, W, G, DOUT, DH, DW, DG, eps, P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr,
@@ -138,6 +222,10 @@ if triton is not None:
     # tiles and 8 warps it took twice as long (bench.py --profile, H100; register spills, we think).
     _FWD = dict(BP=64, num_warps=4, num_stages=3)
     _BWD = dict(BP=32, num_warps=4, num_stages=2)
+    # The whole-field kernel: 128-pixel tiles for 2-layer heads (L/16: 8.1 ms against 9.2 for 64 at
+    # batch 128 on an H100), 64 for deeper ones (XL/16, 4 layers: 18.5 ms against 33.8); 4 warps,
+    # 1 stage (2 and 3 were up to 2.5x slower).
+    _FIELD = dict(num_warps=4, num_stages=1)
 
     @torch.library.custom_op("pixnerd::patch_mlp", mutates_args=())
     def _patch_mlp_op(h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor, eps: float,
@@ -151,6 +239,24 @@ if triton is not None:
     @_patch_mlp_op.register_fake
     def _(h, w, gain, eps, norm_w2):
         return torch.empty_like(h)
+
+    @torch.library.custom_op("pixnerd::field", mutates_args=())
+    def _field_op(pixels: torch.Tensor, e: torch.Tensor, wx: torch.Tensor, ws: list[torch.Tensor],
+                  gains: list[torch.Tensor], go: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, eps: float,
+                  eps_out: float, norm_w2: bool, norm_out: bool) -> torch.Tensor:
+        N, P, CH = pixels.shape
+        C = e.shape[1]
+        out = torch.empty_like(pixels)
+        pad = 4 - len(ws)  # unused layer slots
+        _field_kernel[(N,)](pixels, e, wx, *[w.contiguous() for w in ws], *ws[:1] * pad, *gains, *gains[:1] * pad,
+                            go, wo, bo, out, eps, eps_out, P=P, C=C, HID=ws[0].shape[-1] // (2 * C), CH=CH,
+                            DEPTH=len(ws), DT=_DT[ws[0].dtype], NORM2=norm_w2, NORM_OUT=norm_out,
+                            BP=128 if len(ws) <= 2 else 64, **_FIELD)
+        return out
+
+    @_field_op.register_fake
+    def _(pixels, e, wx, ws, gains, go, wo, bo, eps, eps_out, norm_w2, norm_out):
+        return torch.empty_like(pixels)
 
     @torch.library.custom_op("pixnerd::patch_mlp_backward", mutates_args=())
     def _patch_mlp_backward_op(dout: torch.Tensor, h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor,

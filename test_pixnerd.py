@@ -1823,7 +1823,7 @@ def test_bench_check_bf16_close_to_fp32():
 
 KERNEL_CHECK = """
 import torch, nerf_kernel
-from nerf_head import patch_mlp, RMSNorm
+from nerf_head import NerfHead, patch_mlp, RMSNorm
 torch.manual_seed(0)
 rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
 for N, P, C, hdt, norm_w2 in [(3, 256, 64, torch.float32, True), (2, 100, 32, torch.float16, False)]:
@@ -1838,6 +1838,19 @@ for N, P, C, hdt, norm_w2 in [(3, 256, 64, torch.float32, True), (2, 100, 32, to
     for a, b in zip(torch.autograd.grad(out, (h, w, norm.weight), dout),
                     torch.autograd.grad(ref, (h, w, norm.weight), dout)):
         assert a.dtype == b.dtype and rel(a, b) < 2e-3, rel(a, b)  # the kernel's backward operands are fp16
+# the whole-field inference kernel against NerfHead's torch path, every norm variant, 1 to 4 layers,
+# pixel counts that do and do not fill the tiles
+for norm, depth, ph in (("fc1_fc2_out", 2, 16), ("fc1", 3, 5), ("fc1_fc2", 4, 8), ("fc1_fc2_out", 1, 12)):
+    head = NerfHead(48, 32, depth, 2, 3, "dct", norm)
+    for p in head.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    for b in head.blocks:
+        b.generator.half()
+    s, pix = torch.randn(5, 48).half(), torch.randn(5, ph * ph, 3)
+    with torch.no_grad():
+        ref = head(s, pix, ph, ph)
+        out = nerf_kernel._fused_head(head, s, pix, ph, ph)
+    assert out.shape == ref.shape and rel(out, ref) < 1e-4, (norm, depth, rel(out, ref))
 print("kernel ok")
 """
 
