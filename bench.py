@@ -37,8 +37,23 @@ def prepared(model, how, kernel):
     return model
 
 
+def kernel_kind(name):
+    """What a CUDA kernel (by its profiler name) does, for the profile's summary by kind."""
+    if name.startswith("triton_"):
+        return "Inductor elementwise/reduction"
+    if name in ("_fwd_kernel", "_bwd_kernel", "_field_kernel"):
+        return "neural-field kernels"
+    for kind, keys in (("matmul", ("gemm", "nvjet", "cutlass", "cublas", "splitK")),
+                       ("attention", ("sdpa", "flash", "fmha", "attention", "cudnn")),
+                       ("AdamW + EMA", ("multi_tensor_apply",))):
+        if any(k in name for k in keys):
+            return kind
+    return "other"
+
+
 def timed(fn, iters, warmup, device, profile=0):
-    """Seconds per call and peak GiB; profile > 0 also prints the top kernels of one more call."""
+    """Seconds per call and peak GiB; profile > 0 also prints the top kernels of one more call
+    and, on a GPU, their time summed by kind."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
@@ -58,8 +73,18 @@ def timed(fn, iters, warmup, device, profile=0):
             fn()
             if gpu:
                 torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total",
-                                        row_limit=profile, max_name_column_width=60))
+        events = prof.key_averages()
+        print(events.table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total",
+                           row_limit=profile, max_name_column_width=60))
+        if gpu:  # the same kernels summed by kind
+            kinds = {}
+            for e in events:
+                us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                if e.device_type == torch.autograd.DeviceType.CUDA and us > 0:
+                    kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0) + us
+            total = sum(kinds.values())
+            print(f"GPU time of the call: {total / 1e3:.1f} ms; " + ", ".join(
+                f"{k} {v / 1e3:.1f} ms ({100 * v / total:.0f}%)" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
     return dt, mem
 
 

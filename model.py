@@ -71,13 +71,12 @@ def rope_2d(ht, wt, head_dim, mode="normalized", theta=10000.0, device=None):
 
 def apply_rope(x, cos, sin):
     """Rotate interleaved pairs (a, b) of x (B, N, heads, hd) to (a cos - b sin, a sin + b cos),
-    angles from (cos, sin) (N, hd/2). Written as pairs * cos + (-b, a) * sin: Inductor fuses this
-    form with the q/k RMSNorm into one pass (the form with two outputs stacked made it a kernel
-    that took 30% of a batch-128 forward)."""
-    pairs = x.unflatten(-1, (-1, 2))                                    # (B, N, H, hd/2, 2)
-    swapped = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1)      # (-b, a)
-    cos, sin = cos[:, None, :, None].to(x.dtype), sin[:, None, :, None].to(x.dtype)
-    return (pairs * cos + swapped * sin).flatten(-2)
+    angles from (cos, sin) (N, hd/2). Written as x * (c, c) + (b, a) * (-s, s): Inductor turns
+    the pair swap into one load per element, a third faster than building (-b, a) with a stack
+    (and the form that stacked both rotated halves took 30% of an L/16 batch-128 forward)."""
+    cos = cos.repeat_interleave(2, -1)[:, None].to(x.dtype)                   # (N, 1, hd): c, c
+    sin = torch.stack([-sin, sin], -1).flatten(-2)[:, None].to(x.dtype)        # -s, s
+    return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1919,6 +1919,17 @@ def test_bench_cli_prints_train_and_sample_rows(tmp_path):
     assert values["img_per_s"] > 0 and values["s_per_iter"] > 0
 
 
+def test_bench_kernel_kinds():
+    names = {"triton_per_fused__scaled_dot_product_cudnn_attention_add_mean": "Inductor elementwise/reduction",
+             "_bwd_kernel": "neural-field kernels", "_field_kernel": "neural-field kernels",
+             "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
+             "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_128x256_64x3_nt_align8>": "matmul",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
+             "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>": "AdamW + EMA",
+             "Memset (Device)": "other"}
+    assert {n: bench.kernel_kind(n) for n in names} == names
+
+
 def test_bench_profile_prints_top_ops(tmp_path):
     r = cli("bench.py", "--model", "XS/16", "--image-size", 32, "--batch-size", 2, "--iters", 1, "--warmup", 0,
             "--compile", "none", "--profile", 4, cwd=tmp_path)
