@@ -173,8 +173,9 @@ class NerfHead(nn.Module):
                 return v
         phi = coordinate_encoding(self.encoding, ph, pw, pixels.device)     # Eq. 12: (ph*pw, 64)
         # The pixel-level Linears (C + 64 -> width, width -> C) run in the pixels' precision (fp32
-        # under autocast): they cost next to nothing, and noisy pixels rounded to bf16 would cost
-        # accuracy in the velocity. h: (N, ph*pw, width) is a residual stream like the transformer's.
+        # under autocast): they are few FLOPs, and noisy pixels rounded to bf16 would cost accuracy
+        # in the velocity. (Their fp32 tensors do cost memory traffic: nerf_kernel's inference
+        # kernel keeps them on chip.) h: (N, ph*pw, width) is a residual stream like the transformer's.
         # Linear([x, phi]) = x Wx^T + (phi Wphi^T + b): the coordinate half is the same for every
         # patch, so it is computed once per pixel position instead of once per patch and pixel.
         dt, C = pixels.dtype, self.channels

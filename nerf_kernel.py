@@ -219,7 +219,9 @@ if triton is not None:
     _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
     # BP: pixels per inner step, picked by timing BP 16-128, 4 or 8 warps and 1-3 stages at L/16
     # batch-64 shapes. The backward holds two (width x hidden) fp32 accumulators; with 64-pixel
-    # tiles and 8 warps it took twice as long (bench.py --profile, H100; register spills, we think).
+    # tiles and 8 warps it took twice as long (bench.py --profile, H100). Even the chosen tile uses
+    # 255 registers and spills 276 (Triton's report); a split into two kernels, one accumulator
+    # each, was slower.
     _FWD = dict(BP=64, num_warps=4, num_stages=3)
     _BWD = dict(BP=32, num_warps=4, num_stages=2)
     # The whole-field kernel: 128-pixel tiles for 2-layer heads (L/16: 8.1 ms against 9.2 for 64 at
