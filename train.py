@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import flow
 import nerf_kernel
-from model import MODELS, convert_official, load_weights
+from model import MODELS, SwiGLU, convert_official, load_weights
 from samplers import guided, sample
 from sample import save_grid, setup_distributed
 from text_encoder import caption_features
@@ -256,9 +256,9 @@ def count_flops(config, image_size):
         m = MODELS[config["name"]](**config["kwargs"])
         x = torch.empty(1, 3, image_size, image_size)
         y = torch.zeros(1, dtype=torch.long) if m.text_dim is None else torch.empty(1, m.text_pos.shape[1], m.text_dim)
-        for block in m.modules():  # the model's FLOPs, not those of SwiGLU's alignment padding
-            if hasattr(block, "pad"):
-                block.pad = 0
+        for mlp in m.modules():  # the model's FLOPs, not those of SwiGLU's alignment padding
+            if isinstance(mlp, SwiGLU):
+                mlp.pad = 0
         with FlopCounterMode(display=False) as counter:
             m(x, torch.empty(1), y)
     return counter.get_total_flops()
