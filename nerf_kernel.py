@@ -72,7 +72,7 @@ def fused_head(head, s, pixels, ph, pw):
 
 def _fused_head(head, s, pixels, ph, pw):  # the device check apart, for the interpreter test
     blocks, C = head.blocks, head.channels
-    if pixels.dtype != torch.float32 or len(blocks) > 4:
+    if pixels.dtype != torch.float32 or not 1 <= len(blocks) <= 4:
         return None
     ws = [b.generator(s) for b in blocks]                                   # (N, 2 * width * hidden)
     if ws[0].dtype not in (torch.bfloat16, torch.float16):  # fp32 without autocast: the torch path's matmuls
@@ -82,7 +82,7 @@ def _fused_head(head, s, pixels, ph, pw):  # the device check apart, for the int
         w = head.embed.weight.float()
         e = F.linear(phi, w[:, C:], head.embed.bias.float())                # (ph*pw, width), all patches
     norm_out = isinstance(head.norm_out, RMSNorm)
-    go, eps_out = (head.norm_out.weight, head.norm_out.eps) if norm_out else (w[0], 0.0)
+    go, eps_out = (head.norm_out.weight, head.norm_out.eps) if norm_out else (w[0], 0.0)  # w[0]: unread
     return _field_op(pixels.contiguous(), e, w[:, :C].contiguous(), ws, [b.norm.weight for b in blocks], go,
                      head.out.weight.float(), head.out.bias.float(), blocks[0].norm.eps, eps_out,
                      blocks[0].norm_w2, norm_out)
