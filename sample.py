@@ -182,8 +182,10 @@ def main(args):
         bf16_linears(model)
     if args.kernel and cuda:
         nerf_kernel.enable(model)
-    if args.compile and cuda:
+    if args.compile == "regions" and cuda:
         model.compile_regions()
+    elif args.compile == "full" and cuda:
+        model.compile(dynamic=False)
     net = CUDAGraphs(model) if args.cuda_graphs and cuda else model
     H, W = args.resolution or (train_size, train_size)
     kwargs = {"size": (train_size, train_size)} if (H, W) != (train_size, train_size) else {}
@@ -286,7 +288,9 @@ def get_parser():
     p.add_argument("--num-samples", type=int, default=0, help="write this many PNGs and an .npz")
     p.add_argument("--sample-dir", default=None)
     p.add_argument("--out", default="sample.png", help="the grid's path")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="CUDA only")
+    p.add_argument("--compile", nargs="?", const="regions", choices=["regions", "full"], default=None,
+                   help="CUDA only: torch.compile each block (--compile) or the whole model (--compile full: "
+                        "a few percent faster sampling, about a minute more to compile)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="replay each model call from a CUDA graph (CUDA only; the most gain at small batches)")
     p.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=True,

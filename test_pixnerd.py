@@ -1908,6 +1908,13 @@ def test_bf16_linears_and_cuda_graphs_change_no_number():
     assert torch.equal(out, ref) and not torch.equal(out, model(x, t, y))  # and autocast mattered
 
 
+def test_sample_compile_flag():
+    parse = sample.get_parser().parse_args
+    assert [parse(a).compile for a in ([], ["--compile"], ["--compile", "full"])] == [None, "regions", "full"]
+    with pytest.raises(SystemExit):
+        parse(["--compile", "everything"])
+
+
 def test_bench_cli_prints_train_and_sample_rows(tmp_path):
     r = cli("bench.py", "--model", "XS/16", "--image-size", 32, "--batch-size", 2, "--iters", 1, "--warmup", 0,
             "--sample-steps", 2, "--what", "train", "sample", "--compile", "none", cwd=tmp_path)
