@@ -1926,6 +1926,29 @@ def test_bench_cli_prints_train_and_sample_rows(tmp_path):
     assert values["img_per_s"] > 0 and values["s_per_iter"] > 0
 
 
+def test_flop_count_leaves_out_swiglu_padding():
+    """count_flops counts the model's matmuls: SwiGLU's alignment padding (XS/16: 341 -> 344
+    hidden units) is not work the model asks for."""
+    from train import count_flops
+    from torch.utils.flop_counter import FlopCounterMode
+    m = MODELS["XS/16"]()
+    assert m.blocks[0].mlp.pad == 3
+    with FlopCounterMode(display=False) as counter:  # the padded MLP of one block, 4 tokens
+        m.blocks[0].mlp(torch.randn(4, 128))
+    assert counter.get_total_flops() == 2 * 4 * 128 * 3 * 344
+    with torch.device("meta"):  # as count_flops runs it
+        m = MODELS["XS/16"]()
+        x, t, y = torch.empty(1, 3, 32, 32), torch.empty(1), torch.zeros(1, dtype=torch.long)
+        with FlopCounterMode(display=False) as padded:
+            m(x, t, y)
+        for block in m.blocks:
+            block.mlp.pad = 0
+        with FlopCounterMode(display=False) as unpadded:
+            m(x, t, y)
+    flops = count_flops({"name": "XS/16", "kwargs": {}}, 32)
+    assert flops == unpadded.get_total_flops() == padded.get_total_flops() - 4 * 4 * 2 * 128 * 3 * 3
+
+
 def test_bench_kernel_kinds():
     names = {"triton_per_fused__scaled_dot_product_cudnn_attention_add_mean": "Inductor elementwise/reduction",
              "_bwd_kernel": "neural-field kernels", "_field_kernel": "neural-field kernels",
