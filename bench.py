@@ -81,7 +81,8 @@ def timed(fn, iters, warmup, device, profile=0):
             for e in events:
                 us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
                 if e.device_type == torch.autograd.DeviceType.CUDA and us > 0:
-                    kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0) + us
+                    kind = kernel_kind(e.key)
+                    kinds[kind] = kinds.get(kind, 0) + us
             total = sum(kinds.values())
             print(f"GPU time of the call: {total / 1e3:.1f} ms; " + ", ".join(
                 f"{k} {v / 1e3:.1f} ms ({100 * v / total:.0f}%)" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))

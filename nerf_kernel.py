@@ -253,7 +253,7 @@ if triton is not None:
         _field_kernel[(N,)](pixels, e, wx, *[w.contiguous() for w in ws], *ws[:1] * pad, *gains, *gains[:1] * pad,
                             go, wo, bo, out, eps, eps_out, P=P, C=C, HID=ws[0].shape[-1] // (2 * C), CH=CH,
                             DEPTH=len(ws), DT=_DT[ws[0].dtype], NORM2=norm_w2, NORM_OUT=norm_out,
-                            **{"BP": 128 if len(ws) <= 2 else 64, **_FIELD})
+                            **{"BP": 128 if len(ws) <= 2 else 64, **_FIELD})  # a BP in _FIELD wins
         return out
 
     @_field_op.register_fake
