@@ -18,6 +18,7 @@ import time
 
 import torch
 
+import block_kernel
 import nerf_kernel
 from model import MODELS
 from sample import CUDAGraphs, bf16_linears
@@ -27,9 +28,11 @@ from train import PEAK_FLOPS, Objective, count_flops, update_ema
 
 def prepared(model, how, kernel):
     """how: none (eager), regions (each block and the head, what train.py and sample.py do) or
-    full (the whole model); kernel: route the neural field through nerf_kernel."""
+    full (the whole model); kernel: route the neural field through nerf_kernel, and (eager) the
+    blocks' elementwise work through block_kernel."""
     if kernel == "on":
         nerf_kernel.enable(model)
+        block_kernel.enable(model)
     if how == "regions":
         model.compile_regions()
     elif how == "full":
@@ -167,17 +170,24 @@ def check(name, head, batch, size, how, kernel, graphs, args, device):
         ref = model(x, t, *y)
         torch.backends.cuda.matmul.allow_tf32 = True
     r = {}
-    if kernel == "on":  # fused kernel vs the bf16 torch path, forward and backward
+    if kernel == "on":  # fused kernels vs the bf16 torch path (eager), forward and backward
         outs = []
-        for on in (False, True):
+        for on, cast in ((False, False), (False, True), (True, True)):  # fp32 reference, bf16 torch, kernels
             nerf_kernel.enable(model, on)
+            block_kernel.enable(model, on)
             model.zero_grad(set_to_none=True)
-            with autocast:
+            torch.backends.cuda.matmul.allow_tf32 = cast
+            with torch.autocast(device.type, torch.bfloat16, enabled=cast):
                 v = model(x, t, *y)
             v.float().square().mean().backward()
-            outs.append((v.detach(), [p.grad.clone() for p in model.head.parameters()]))
-        r["kernel_vs_torch_v"] = rel(outs[1][0], outs[0][0])
-        r["kernel_vs_torch_head_grads"] = max(rel(a, b) for a, b in zip(outs[1][1], outs[0][1]))
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            outs.append((v.detach(), grads, [p.grad.clone() for p in model.head.parameters()]))
+        r["kernel_vs_torch_v"] = rel(outs[2][0], outs[1][0])
+        r["kernel_vs_torch_head_grads"] = max(rel(a, b) for a, b in zip(outs[2][2], outs[1][2]))
+        # every parameter's gradient against fp32, the bf16 torch path's error beside the kernels'
+        r["torch_vs_fp32_grads"] = max(rel(a, b) for a, b in zip(outs[1][1], outs[0][1]))
+        r["kernel_vs_fp32_grads"] = max(rel(a, b) for a, b in zip(outs[2][1], outs[0][1]))
+        block_kernel.enable(model, False)
         with torch.no_grad(), autocast:  # inference: the whole-field kernel against the torch path
             fast = model(x, t, *y)
             nerf_kernel.enable(model, False)
@@ -202,7 +212,8 @@ def main():
     p.add_argument("--compile", nargs="+", choices=["none", "regions", "full"],
                    default=["regions" if torch.cuda.is_available() else "none"])
     p.add_argument("--kernel", nargs="+", choices=["on", "off"], default=["on"],
-                   help="the fused neural-field kernel (CUDA + Triton; off elsewhere whatever this says)")
+                   help="the fused kernels: neural field, and the blocks when eager (CUDA + Triton; off "
+                        "elsewhere whatever this says)")
     p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"], help="sampling only")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)

@@ -83,6 +83,12 @@ def apply_rope(x, cos, sin):
 # Transformer
 # ---------------------------------------------------------------------------------------------
 
+def norm_rope(x, norm, rope):
+    """q or k (B, N, heads, hd): RMSNorm over each head's channels, then 2-D RoPE (rope: (cos, sin))."""
+    x = norm(x)
+    return x if rope is None else apply_rope(x, *rope)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with q/k RMSNorm and 2-D RoPE, through SDPA (flash attention
     on CUDA). With text_dim set it is the official t2i "one-way joint" attention: image queries
@@ -97,20 +103,26 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim)  # shared by image and text keys, as official
         self.proj = nn.Linear(dim, dim)
 
+    norm_rope = staticmethod(norm_rope)  # block_kernel.enable() puts a fused kernel on the instance
+
     def forward(self, x, rope=None, text=None, mask=None):
         B, N, D = x.shape
         # q, k, v stay in the (B, N, heads, hd) layout the projections produce and consume; SDPA
         # reads them through transposed views. Permuting to (B, heads, N, hd) first made the
         # fused norm/RoPE kernels and their backward copies 10% of an L/16 training step.
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self.norm_rope(q, self.q_norm, rope), self.norm_rope(k, self.k_norm, rope)
         if text is not None:  # text tokens: keys and values only, no RoPE
             kt, vt = self.kv_text(text).view(B, -1, 2, self.num_heads, self.head_dim).unbind(2)
             k, v = torch.cat([k, self.k_norm(kt)], dim=1), torch.cat([v, vt], dim=1)
         x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+def silu_gate(h):
+    """SiLU(gate) * value for h = [gate, value] (..., 2F), the fc1 output of SwiGLU."""
+    gate, value = h.chunk(2, dim=-1)
+    return F.silu(gate) * value
 
 
 class SwiGLU(nn.Module):
@@ -129,13 +141,24 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, bias=False)
         self.pad = -hidden % 8
 
+    act = staticmethod(silu_gate)  # block_kernel.enable() puts a fused kernel on the instance
+
     def forward(self, x):
         w1, w2 = self.fc1.weight, self.fc2.weight                      # (2F, D), (D, F)
         if self.pad:
             w1 = F.pad(w1.unflatten(0, (2, -1)), (0, 0, 0, self.pad)).flatten(0, 1)
             w2 = F.pad(w2, (0, self.pad))
-        gate, value = F.linear(x, w1).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * value, w2)
+        return F.linear(self.act(F.linear(x, w1)), w2)
+
+
+def modulate(x, norm, shift, scale):
+    """adaLN: the normalised x (B, N, D) shifted and scaled per image, shift and scale (B, 1, D)."""
+    return norm(x) * (1 + scale) + shift
+
+
+def gated_residual(x, gate, y):
+    """The residual update x + gate * y of a branch's output y, gate (B, 1, D) from the adaLN."""
+    return x + gate * y
 
 
 class Block(nn.Module):
@@ -150,10 +173,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden)
         self.adaLN = nn.Linear(dim, 6 * dim)
 
+    # block_kernel.enable() puts fused kernels of these on the instance (eager CUDA speed)
+    modulate, gated_residual = staticmethod(modulate), staticmethod(gated_residual)
+
     def forward(self, x, c, rope=None, text=None, mask=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
-        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, rope, text, mask)
-        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+        x = self.gated_residual(x, gate1, self.attn(self.modulate(x, self.norm1, shift1, scale1), rope, text, mask))
+        return self.gated_residual(x, gate2, self.mlp(self.modulate(x, self.norm2, shift2, scale2)))
 
 
 class LinearHead(nn.Module):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+import block_kernel
 import nerf_kernel
 from model import MODELS, convert_official, load_weights
 from samplers import SOLVERS, guided, sample
@@ -182,6 +183,7 @@ def main(args):
         bf16_linears(model)
     if args.kernel and cuda:
         nerf_kernel.enable(model)
+        block_kernel.enable(model)
     if args.compile == "regions" and cuda:
         model.compile_regions()
     elif args.compile == "full" and cuda:

@@ -33,6 +33,7 @@ from model import MODELS, PixNerd, convert_official, load_weights
 from nerf_head import NerfHead, coordinate_encoding
 from text_encoder import TextEncoder, load_text_encoder
 import bench
+import block_kernel
 import fid
 import flow
 import nerf_kernel
@@ -1889,6 +1890,103 @@ def test_fused_hook_and_cpu_fallback():
         for block in model.head.blocks:
             block.fused = lambda h, w, norm, norm_w2: h  # skip the layer
         assert not torch.allclose(model(x, t, y), ref, atol=1e-3)  # the hook's result is what the head uses
+
+
+BLOCK_KERNEL_CHECK = """
+import torch, block_kernel as bk
+from model import modulate, gated_residual, norm_rope, silu_gate, rope_2d
+from nerf_head import RMSNorm
+torch.manual_seed(0)
+rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+grads = torch.autograd.grad
+for xdt, sdt, tol in ((torch.float32, torch.float32, 1e-5), (torch.float32, torch.float16, 1e-3), (torch.float16, torch.float16, 2e-3)):
+    for B, N, D in ((2, 7, 48), (3, 20, 24)):
+        norm = RMSNorm(D); norm.weight.data += 0.1 * torch.randn(D)
+        x = torch.randn(B, N, D, dtype=xdt, requires_grad=True)
+        ada = torch.randn(B, 1, 3 * D, dtype=sdt, requires_grad=True)
+        shift, scale, gate = ada.chunk(3, -1)
+        y = torch.randn(B, N, D, dtype=sdt, requires_grad=True)
+        ref = modulate(x, norm, shift, scale)
+        out = bk._Modulate.apply(x, norm.weight, shift, scale, norm.eps, ref.dtype)
+        assert out.dtype == ref.dtype and rel(out, ref) < tol / 10, ('mod fwd', xdt, sdt, rel(out, ref))
+        d = torch.randn_like(ref)
+        for a, b in zip(grads(out, (x, norm.weight, ada), d), grads(ref, (x, norm.weight, ada), d)):
+            assert a.dtype == b.dtype and rel(a, b) < tol, ('mod bwd', xdt, sdt, rel(a, b))
+        ref = gated_residual(x, gate, y)
+        out = bk._GatedResidual.apply(x, gate, y)
+        assert out.dtype == ref.dtype and rel(out, ref) < tol / 10, ('gate fwd', rel(out, ref))
+        d = torch.randn_like(ref)
+        for a, b in zip(grads(out, (x, ada, y), d), grads(ref, (x, ada, y), d)):
+            assert a.dtype == b.dtype and rel(a, b) < tol, ('gate bwd', xdt, sdt, rel(a, b))
+    for B, N, H, hd in ((2, 12, 3, 16), (1, 9, 2, 24)):
+        ht, wt = (3, 4) if N == 12 else (3, 3)
+        rope = rope_2d(ht, wt, hd)
+        norm = RMSNorm(hd); norm.weight.data += 0.1 * torch.randn(hd)
+        qkv = torch.randn(B, N, 3, H, hd, dtype=sdt, requires_grad=True)
+        q = qkv.unbind(2)[1]
+        ref = norm_rope(q, norm, rope)
+        out = bk._NormRope.apply(q, norm.weight, *rope, norm.eps)
+        assert out.dtype == ref.dtype and rel(out, ref) < tol / 10, ('rope fwd', sdt, rel(out, ref))
+        d = torch.randn_like(ref)
+        for a, b in zip(grads(out, (qkv, norm.weight), d), grads(ref, (qkv, norm.weight), d)):
+            assert a.dtype == b.dtype and rel(a, b) < tol, ('rope bwd', sdt, rel(a, b))
+    h = torch.randn(2, 5, 2 * 37, dtype=sdt, requires_grad=True)
+    ref, out = silu_gate(h), bk._SiluGate.apply(h)
+    assert out.dtype == ref.dtype and rel(out, ref) < tol / 10, ('silu fwd', rel(out, ref))
+    d = torch.randn_like(ref)
+    a, b = grads(out, (h,), d)[0], grads(ref, (h,), d)[0]
+    assert rel(a, b) < tol, ('silu bwd', rel(a, b))
+print("block kernels ok")
+"""
+
+
+def test_block_kernels_match_torch_functions_or_fall_back():
+    """With Triton installed, the four block kernels run in Triton's CPU interpreter against model.py's
+    torch functions, forward and every gradient: fp32, an fp32 residual stream with fp16 adaLN outputs,
+    and fp16 (the interpreter mishandles bf16); odd sizes, head widths that are not powers of 2, q as
+    a strided view of qkv. Without Triton (CI), enable() routes nothing and the model is unchanged."""
+    if importlib.util.find_spec("triton"):
+        r = subprocess.run([sys.executable, "-c", BLOCK_KERNEL_CHECK], cwd=os.path.dirname(__file__) or ".",
+                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+        assert r.returncode == 0 and "block kernels ok" in r.stdout, r.stderr[-2000:]
+    else:
+        torch.manual_seed(0)
+        model = MODELS["XS/16"]()
+        x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
+        before = model(x, t, y)
+        assert not block_kernel.available() and block_kernel.enable(model) == 0
+        assert "modulate" not in model.blocks[0].__dict__ and torch.equal(model(x, t, y), before)
+
+
+def test_block_kernel_hooks_and_cpu_fallback():
+    """enable() puts the fused functions on every block, attention and SwiGLU (and takes them off);
+    off the GPU each is exactly model.py's torch function, forward and backward."""
+    import model as model_py
+    torch.manual_seed(0)
+    model = MODELS["XS/16"]()
+    for p in model.parameters():
+        p.data += 0.01 * torch.randn_like(p)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
+    ref = model(x, t, y)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    calls = {}
+    hooks = {model_py.Block: ("modulate", "gated_residual"), model_py.Attention: ("norm_rope",),
+             model_py.SwiGLU: ("act",)}
+    fused = {"modulate": block_kernel.fused_modulate, "gated_residual": block_kernel.fused_gated_residual,
+             "norm_rope": block_kernel.fused_norm_rope, "act": block_kernel.fused_silu_gate}
+    for m in model.modules():
+        for name in hooks.get(type(m), ()):
+            def counted(*a, name=name):
+                calls[name] = calls.get(name, 0) + 1
+                return fused[name](*a)
+            setattr(m, name, counted)
+    out = model(x, t, y)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    assert calls == {"modulate": 8, "gated_residual": 8, "norm_rope": 8, "act": 4}, calls  # 4 blocks
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    block_kernel.enable(model, False)  # back to the class's torch functions
+    assert all(name not in m.__dict__ for m in model.modules() for name in hooks.get(type(m), ()))
+    assert model.blocks[0].modulate is model_py.modulate and torch.equal(model(x, t, y), ref)
 
 
 def test_bf16_linears_and_cuda_graphs_change_no_number():

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import flow
+import block_kernel
 import nerf_kernel
 from model import MODELS, SwiGLU, convert_official, load_weights
 from samplers import guided, sample
@@ -413,9 +414,9 @@ def main(args):
                 with open(metrics, "w") as f:
                     f.writelines(rows)
         log.info(f"resumed {run_dir} at step {step}")
-    if args.kernel and cuda:  # the fused neural-field layer (Triton); the torch path otherwise
-        layers = nerf_kernel.enable(model) + nerf_kernel.enable(ema)
-        log.info(f"fused neural-field kernel: {'on' if layers else 'off (needs Triton)'}")
+    if args.kernel and cuda:  # fused Triton kernels (neural field; blocks when eager); the torch path otherwise
+        layers = nerf_kernel.enable(model) + nerf_kernel.enable(ema) + block_kernel.enable(model) + block_kernel.enable(ema)
+        log.info(f"fused kernels: {'on' if layers else 'off (needs Triton)'}")
     if args.compile and cuda:  # regional: one compiled block serves all of them
         model.compile_regions()
     train_obj = DDP(objective, device_ids=[device.index] if cuda else None) if ddp else objective
@@ -572,7 +573,8 @@ def get_parser():
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="CUDA only")
     p.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=True,
-                   help="the fused Triton neural-field kernel (CUDA and Triton only)")
+                   help="the fused Triton kernels: neural field, and block elementwise work without --compile "
+                        "(CUDA and Triton only)")
     return p
 
 

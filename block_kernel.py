@@ -1,0 +1,378 @@
+"""The transformer block's elementwise work as fused Triton kernels, for eager mode (CUDA; optional).
+
+Without torch.compile every RMSNorm, adaLN modulation, RoPE rotation, SiLU gate and gated residual
+of model.py is a chain of small PyTorch kernels, each reading and writing a full activation tensor
+(an fp32 one for the residual stream): in an eager L/16 training step they took 170 of 240 ms on an
+H100. Here each of the four functions is one kernel forward and one backward, so debugging runs
+(`--no-compile`, `--compile none`) are close to the compiled program. Under torch.compile, and
+off the GPU, the torch functions of model.py run: Inductor fuses them itself.
+
+Each kernel rounds where the torch function rounds (its tensors' dtypes, bf16 under autocast), so
+the forward matches it to the last bit up to the order of the fp32 sums; the backward computes in
+fp32 and rounds its results once. The tests run both in Triton's interpreter against model.py.
+
+A file of its own so that model.py stays torch-only: the scripts call enable(model) on a GPU.
+"""
+import torch
+
+from model import Attention, Block, SwiGLU, gated_residual, modulate, norm_rope, silu_gate
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the torch functions serve
+    triton = None
+
+
+def available():
+    return triton is not None and torch.cuda.is_available()
+
+
+def enable(model, on=True):
+    """Route every block of `model` through the fused kernels (or, on=False, back to model.py's torch
+    functions). Returns the number of blocks routed (0 without Triton or CUDA)."""
+    on = on and available()
+    hooks = {Block: dict(modulate=fused_modulate, gated_residual=fused_gated_residual),
+             Attention: dict(norm_rope=fused_norm_rope), SwiGLU: dict(act=fused_silu_gate)}
+    for m in model.modules():
+        for name, fn in hooks.get(type(m), {}).items():
+            if on:
+                setattr(m, name, fn)  # an instance attribute over the class's torch function
+            else:
+                m.__dict__.pop(name, None)
+    return sum(on and isinstance(m, Block) for m in model.modules())
+
+
+def _eager(*tensors):
+    """The kernels serve eager CUDA calls; under torch.compile Inductor fuses the torch functions."""
+    return all(t.is_cuda for t in tensors) and not torch.compiler.is_compiling()
+
+
+def _autocast_dtype(x):
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+
+
+def fused_modulate(x, norm, shift, scale):
+    """model.modulate: RMSNorm(x) * (1 + scale) + shift, x (B, N, D), shift and scale (B, 1, D).
+    Under autocast the result is written in the autocast dtype: its only readers are the qkv and fc1
+    Linears, which would cast it so (the same rounding, one fp32 tensor fewer)."""
+    B, N, D = x.shape
+    if not (_eager(x, shift, scale) and shift.shape == scale.shape == (B, 1, D)):
+        return modulate(x, norm, shift, scale)
+    return _Modulate.apply(x, norm.weight, shift, scale, norm.eps, _autocast_dtype(x))
+
+
+def fused_gated_residual(x, gate, y):
+    """model.gated_residual: x + gate * y, x and y (B, N, D), gate (B, 1, D)."""
+    B, N, D = x.shape
+    if not (_eager(x, gate, y) and y.shape == x.shape and gate.shape == (B, 1, D)):
+        return gated_residual(x, gate, y)
+    return _GatedResidual.apply(x, gate, y)
+
+
+def fused_norm_rope(x, norm, rope):
+    """model.norm_rope: RMSNorm then 2-D RoPE of q or k, x (B, N, heads, hd) (a strided view of qkv)."""
+    if rope is None or not _eager(x) or x.stride(-1) != 1:
+        return norm_rope(x, norm, rope)
+    return _NormRope.apply(x, norm.weight, *rope, norm.eps)
+
+
+def fused_silu_gate(h):
+    """model.silu_gate: SiLU(gate) * value for h = [gate, value] (..., 2F)."""
+    if not _eager(h):
+        return silu_gate(h)
+    return _SiluGate.apply(h.contiguous())
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd wrappers: each saves its inputs and recomputes the rest in the backward kernel
+# ---------------------------------------------------------------------------------------------
+
+def _rows(N, D):
+    """Rows per program of a (rows, D) kernel: about 4K elements."""
+    return max(1, min(triton.next_power_of_2(N), 4096 // triton.next_power_of_2(D)))
+
+
+class _Modulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gain, shift, scale, eps, out_dtype):
+        B, N, D = x.shape
+        x = x.contiguous()
+        out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+        rdt = torch.promote_types(x.dtype, scale.dtype)
+        BR = _rows(N, D)
+        _modulate_fwd[(triton.cdiv(N, BR), B)](
+            x, gain, shift, scale, out, N, D, shift.stride(0), scale.stride(0), eps, BR=BR,
+            BD=triton.next_power_of_2(D), XDT=_DT[x.dtype], SDT=_DT[scale.dtype], RDT=_DT[rdt])
+        ctx.save_for_backward(x, gain, shift, scale)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, gain, shift, scale = ctx.saved_tensors
+        B, N, D = x.shape
+        R = 16  # rows summed per program into the (B, 1, D) and (D,) gradients
+        nb = triton.cdiv(N, R)
+        dx = torch.empty_like(x)
+        part = torch.empty(3, B, nb, D, device=x.device, dtype=torch.float32)  # gain, scale, shift
+        _modulate_bwd[(nb, B)](dout.contiguous(), x, gain, scale, dx, part, N, D, scale.stride(0), ctx.eps,
+                               R=R, BR=_rows(R, D), BD=triton.next_power_of_2(D), XDT=_DT[x.dtype],
+                               SDT=_DT[scale.dtype])
+        part = part.sum(2)                                                  # (3, B, D)
+        return (dx, part[0].sum(0).to(gain.dtype), part[2][:, None].to(shift.dtype),
+                part[1][:, None].to(scale.dtype), None, None)
+
+
+class _GatedResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, y):
+        B, N, D = x.shape
+        x, y = x.contiguous(), y.contiguous()
+        pdt = torch.promote_types(gate.dtype, y.dtype)
+        out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, pdt))
+        BR = _rows(N, D)
+        _gated_fwd[(triton.cdiv(N, BR), B)](x, gate, y, out, N, D, gate.stride(0), BR=BR,
+                                            BD=triton.next_power_of_2(D), PDT=_DT[pdt])
+        ctx.save_for_backward(gate, y)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, y = ctx.saved_tensors
+        B, N, D = y.shape
+        R = 16
+        nb = triton.cdiv(N, R)
+        dy = torch.empty_like(y)
+        part = torch.empty(B, nb, D, device=y.device, dtype=torch.float32)
+        pdt = torch.promote_types(gate.dtype, y.dtype)
+        _gated_bwd[(nb, B)](dout.contiguous(), gate, y, dy, part, N, D, gate.stride(0), R=R, BR=_rows(R, D),
+                            BD=triton.next_power_of_2(D), PDT=_DT[pdt])
+        return dout.to(ctx.x_dtype), part.sum(1)[:, None].to(gate.dtype), dy
+
+
+class _NormRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gain, cos, sin, eps):
+        B, N, H, hd = x.shape
+        out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        rows = B * N * H
+        BR = max(1, 4096 // triton.next_power_of_2(hd))
+        _norm_rope_fwd[(triton.cdiv(rows, BR),)](
+            x, gain, cos, sin, out, rows, N, H, x.stride(0), x.stride(1), x.stride(2), eps, HD=hd,
+            BR=BR, BH=triton.next_power_of_2(hd) // 2, XDT=_DT[x.dtype])
+        ctx.save_for_backward(x, gain, cos, sin)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, gain, cos, sin = ctx.saved_tensors
+        B, N, H, hd = x.shape
+        rows = B * N * H
+        R = 1024  # rows summed per program into the gain's gradient
+        nb = triton.cdiv(rows, R)
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        part = torch.empty(nb, hd, device=x.device, dtype=torch.float32)
+        BH = triton.next_power_of_2(hd) // 2
+        _norm_rope_bwd[(nb,)](dout.contiguous(), x, gain, cos, sin, dx, part, rows, N, H, x.stride(0),
+                              x.stride(1), x.stride(2), ctx.eps, HD=hd, R=R, BR=max(1, min(R, 2048 // BH)), BH=BH,
+                              XDT=_DT[x.dtype])
+        return dx, part.sum(0).to(gain.dtype), None, None, None
+
+
+class _SiluGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        F2 = h.shape[-1]
+        out = torch.empty((*h.shape[:-1], F2 // 2), device=h.device, dtype=h.dtype)
+        n = out.numel()
+        _silu_gate_fwd[(triton.cdiv(n, 1024),)](h, out, n, F2 // 2, BLOCK=1024, DT=_DT[h.dtype])
+        ctx.save_for_backward(h)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (h,) = ctx.saved_tensors
+        dh = torch.empty_like(h)
+        n = dout.numel()
+        _silu_gate_bwd[(triton.cdiv(n, 1024),)](dout.contiguous(), h, dh, n, h.shape[-1] // 2, BLOCK=1024,
+                                                DT=_DT[h.dtype])
+        return dh
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels. `.to(DT).to(tl.float32)` is a torch op's rounding to its result dtype DT.
+# ---------------------------------------------------------------------------------------------
+
+if triton is not None:
+    _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+    @triton.jit
+    def _round(x, DT: tl.constexpr):
+        return x.to(DT).to(tl.float32)
+
+    @triton.jit
+    def _tile(N, D, b, rows, BD: tl.constexpr):
+        """Offsets and mask of rows `rows` (BR,) of image b in a contiguous (B, N, D) tensor."""
+        cols = tl.arange(0, BD)
+        cmask = cols < D
+        mask = (rows < N)[:, None] & cmask[None, :]
+        return (b * N + rows)[:, None] * D + cols[None, :], mask, cols, cmask
+
+    @triton.jit
+    def _rms_modulated(x, gain, sc, D, eps, XDT: tl.constexpr, SDT: tl.constexpr):
+        """RMSNorm(x) as nerf_head.RMSNorm rounds it, and the factor 1 + scale in scale's dtype."""
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)                         # (BR,)
+        xhat = _round(x * r[:, None], XDT)                                    # y.to(x.dtype)
+        y = _round(xhat * _round(gain, XDT)[None, :], XDT)                    # * weight.to(x.dtype)
+        return r, xhat, y, _round(1 + sc, SDT)
+
+    @triton.jit
+    def _modulate_fwd(X, G, SHIFT, SCALE, OUT, N, D, s_shift, s_scale, eps, BR: tl.constexpr, BD: tl.constexpr,
+                      XDT: tl.constexpr, SDT: tl.constexpr, RDT: tl.constexpr):
+        b = tl.program_id(1)
+        offs, mask, cols, cmask = _tile(N, D, b, tl.program_id(0) * BR + tl.arange(0, BR), BD)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        gain = tl.load(G + cols, mask=cmask, other=0.0).to(tl.float32)
+        sc = tl.load(SCALE + b * s_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+        sh = tl.load(SHIFT + b * s_shift + cols, mask=cmask, other=0.0).to(tl.float32)
+        r, xhat, y, sc1 = _rms_modulated(x, gain, sc, D, eps, XDT, SDT)
+        out = _round(y * sc1[None, :], RDT) + sh[None, :]
+        tl.store(OUT + offs, out.to(RDT).to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _modulate_bwd(DOUT, X, G, SCALE, DX, PART, N, D, s_scale, eps, R: tl.constexpr, BR: tl.constexpr,
+                      BD: tl.constexpr, XDT: tl.constexpr, SDT: tl.constexpr):
+        """Rows R*i..R*(i+1) of image b: dx, and their sums of the gain, scale and shift gradients."""
+        i, b = tl.program_id(0), tl.program_id(1)
+        B = tl.num_programs(1)
+        cols = tl.arange(0, BD)
+        cmask = cols < D
+        gain = tl.load(G + cols, mask=cmask, other=0.0).to(tl.float32)
+        sc = tl.load(SCALE + b * s_scale + cols, mask=cmask, other=0.0).to(tl.float32)
+        d_gain = tl.zeros((BD,), tl.float32)
+        d_scale = tl.zeros((BD,), tl.float32)
+        d_shift = tl.zeros((BD,), tl.float32)
+        for r0 in tl.range(0, R, BR):
+            offs, mask, cols, cmask = _tile(N, D, b, i * R + r0 + tl.arange(0, BR), BD)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)     # 0 on masked rows
+            r, xhat, y, sc1 = _rms_modulated(x, gain, sc, D, eps, XDT, SDT)
+            d_shift += tl.sum(dout, axis=0)
+            d_scale += tl.sum(dout * y, axis=0)
+            dy = dout * sc1[None, :]
+            d_gain += tl.sum(dy * xhat, axis=0)
+            dxhat = dy * _round(gain, XDT)[None, :]
+            xr = x * r[:, None]                                                   # RMSNorm backward
+            dx = r[:, None] * (dxhat - xr * (tl.sum(dxhat * xr, axis=1) / D)[:, None])
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        nb = tl.num_programs(0)
+        base = (b * nb + i) * D + cols
+        tl.store(PART + base, d_gain, mask=cmask)
+        tl.store(PART + 2 * B * nb * D + base, d_shift, mask=cmask)
+        tl.store(PART + B * nb * D + base, d_scale, mask=cmask)
+
+    @triton.jit
+    def _gated_fwd(X, GATE, Y, OUT, N, D, s_gate, BR: tl.constexpr, BD: tl.constexpr, PDT: tl.constexpr):
+        b = tl.program_id(1)
+        offs, mask, cols, cmask = _tile(N, D, b, tl.program_id(0) * BR + tl.arange(0, BR), BD)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(GATE + b * s_gate + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(OUT + offs, (x + _round(gate[None, :] * y, PDT)).to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gated_bwd(DOUT, GATE, Y, DY, PART, N, D, s_gate, R: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                   PDT: tl.constexpr):
+        i, b = tl.program_id(0), tl.program_id(1)
+        cols = tl.arange(0, BD)
+        cmask = cols < D
+        gate = tl.load(GATE + b * s_gate + cols, mask=cmask, other=0.0).to(tl.float32)
+        d_gate = tl.zeros((BD,), tl.float32)
+        for r0 in tl.range(0, R, BR):
+            offs, mask, cols, cmask = _tile(N, D, b, i * R + r0 + tl.arange(0, BR), BD)
+            dp = _round(tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32), PDT)  # grad of gate * y
+            y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+            d_gate += tl.sum(dp * y, axis=0)
+            tl.store(DY + offs, (dp * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
+        tl.store(PART + (b * tl.num_programs(0) + i) * D + cols, d_gate, mask=cmask)
+
+    @triton.jit
+    def _head_rows(rows, N, H, s_b, s_n, s_h, BH: tl.constexpr, HD: tl.constexpr):
+        """Offsets of rows (b, n, h) (BR,) of a strided (B, N, H, HD) tensor, tiled (BR, 2 * BH), the
+        same in a contiguous one, offsets (BR, BH) of channel pair j in the (N, HD/2) RoPE tables,
+        and the masks of both tiles."""
+        k, j = tl.arange(0, 2 * BH), tl.arange(0, BH)
+        n = (rows // H) % N
+        src = ((rows // (N * H)) * s_b + n * s_n + (rows % H) * s_h)[:, None] + k[None, :]
+        return (src, rows[:, None] * HD + k[None, :], n[:, None] * (HD // 2) + j[None, :], (k < HD)[None, :],
+                (j < HD // 2)[None, :])
+
+    @triton.jit
+    def _pair_split(x, BR: tl.constexpr, BH: tl.constexpr):
+        """(BR, 2 BH) -> the even and the odd channels, each (BR, BH)."""
+        return tl.split(tl.reshape(x, (BR, BH, 2)))
+
+    @triton.jit
+    def _norm_rope_fwd(X, G, COS, SIN, OUT, rows_total, N, H, s_b, s_n, s_h, eps, HD: tl.constexpr, BR: tl.constexpr,
+                       BH: tl.constexpr, XDT: tl.constexpr):
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        src, dst, tab, kmask, jmask = _head_rows(rows, N, H, s_b, s_n, s_h, BH, HD)
+        rmask = (rows < rows_total)[:, None]
+        x = tl.load(X + src, mask=rmask & kmask, other=0.0).to(tl.float32)      # (BR, 2 BH)
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
+        gain = tl.load(G + tl.arange(0, 2 * BH), mask=tl.arange(0, 2 * BH) < HD, other=0.0)
+        y = _round(_round(x * r, XDT) * _round(gain, XDT)[None, :], XDT)        # RMSNorm
+        ye, yo = _pair_split(y, BR, BH)
+        c = _round(tl.load(COS + tab, mask=rmask & jmask, other=0.0), XDT)
+        s = _round(tl.load(SIN + tab, mask=rmask & jmask, other=0.0), XDT)
+        oe = _round(ye * c, XDT) - _round(yo * s, XDT)                          # model.apply_rope
+        oo = _round(yo * c, XDT) + _round(ye * s, XDT)
+        out = tl.reshape(tl.join(oe, oo), (BR, 2 * BH))
+        tl.store(OUT + dst, out.to(XDT), mask=rmask & kmask)
+
+    @triton.jit
+    def _norm_rope_bwd(DOUT, X, G, COS, SIN, DX, PART, rows_total, N, H, s_b, s_n, s_h, eps, HD: tl.constexpr,
+                       R: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, XDT: tl.constexpr):
+        i = tl.program_id(0)
+        k = tl.arange(0, 2 * BH)
+        gain = _round(tl.load(G + k, mask=k < HD, other=0.0), XDT)[None, :]
+        d_gain = tl.zeros((2 * BH,), tl.float32)
+        for r0 in tl.range(0, R, BR):
+            rows = i * R + r0 + tl.arange(0, BR)
+            src, dst, tab, kmask, jmask = _head_rows(rows, N, H, s_b, s_n, s_h, BH, HD)
+            rmask = (rows < rows_total)[:, None]
+            x = tl.load(X + src, mask=rmask & kmask, other=0.0).to(tl.float32)
+            r = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
+            c = _round(tl.load(COS + tab, mask=rmask & jmask, other=0.0), XDT)
+            s = _round(tl.load(SIN + tab, mask=rmask & jmask, other=0.0), XDT)
+            de, do = _pair_split(tl.load(DOUT + dst, mask=rmask & kmask, other=0.0).to(tl.float32), BR, BH)
+            dy = tl.reshape(tl.join(de * c + do * s, do * c - de * s), (BR, 2 * BH))  # rotation transposed
+            d_gain += tl.sum(dy * _round(x * r, XDT), axis=0)
+            dxhat = dy * gain                                                     # RMSNorm backward
+            dx = r * (dxhat - x * r * (tl.sum(dxhat * x, axis=1)[:, None] * r / HD))
+            tl.store(DX + dst, dx.to(XDT), mask=rmask & kmask)
+        tl.store(PART + i * HD + k, d_gain, mask=k < HD)
+
+    @triton.jit
+    def _silu_gate_fwd(Hin, OUT, n, F, BLOCK: tl.constexpr, DT: tl.constexpr):
+        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = k < n
+        src = (k // F) * 2 * F + k % F
+        a = tl.load(Hin + src, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(Hin + src + F, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + k, (_round(a * tl.sigmoid(a), DT) * v).to(DT), mask=mask)
+
+    @triton.jit
+    def _silu_gate_bwd(DOUT, Hin, DH, n, F, BLOCK: tl.constexpr, DT: tl.constexpr):
+        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = k < n
+        src = (k // F) * 2 * F + k % F
+        a = tl.load(Hin + src, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(Hin + src + F, mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(DOUT + k, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(a)
+        tl.store(DH + src, (_round(dout * v, DT) * sig * (1 + a * (1 - sig))).to(DT), mask=mask)
+        tl.store(DH + src + F, (dout * _round(a * sig, DT)).to(DT), mask=mask)
