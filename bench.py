@@ -28,8 +28,8 @@ from train import PEAK_FLOPS, Objective, count_flops, update_ema
 
 def prepared(model, how, kernel):
     """how: none (eager), regions (each block and the head, what train.py and sample.py do) or
-    full (the whole model); kernel: route the neural field through nerf_kernel, and (eager) the
-    blocks' elementwise work through block_kernel."""
+    full (the whole model); kernel: route the neural field through nerf_kernel and the blocks'
+    elementwise work through block_kernel."""
     if kernel == "on":
         nerf_kernel.enable(model)
         block_kernel.enable(model)
@@ -145,12 +145,12 @@ def rel(a, b):
 
 
 def check(name, head, batch, size, how, kernel, graphs, args, device):
-    """Relative errors of the fast paths: bf16 autocast (compiled, fused kernel if on) against
-    fp32 eager on the same weights; the fused kernel against the bf16 torch path, output and
-    gradients, and the whole-field inference kernel; CUDA-graph sampling against plain calls.
-    The zero-initialised output layer is randomised so that every path contributes. head and
-    batch are fixed (nerf, 4). Text-to-image models get random text features with padding masks
-    of lengths 3, 16, 40 and all."""
+    """Relative errors of the fast paths: bf16 autocast (compiled, fused kernels if on) against
+    fp32 eager on the same weights; the eager fused kernels (neural field and blocks) against the
+    bf16 torch path and against fp32, velocity and gradients, and the whole-field inference kernel;
+    CUDA-graph sampling against plain calls. The zero-initialised output layer is randomised so
+    that every path contributes. head and batch are fixed (nerf, 4). Text-to-image models get
+    random text features with padding masks of lengths 3, 16, 40 and all."""
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
     for p in model.head.out.parameters():
@@ -183,6 +183,7 @@ def check(name, head, batch, size, how, kernel, graphs, args, device):
             grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
             outs.append((v.detach(), grads, [p.grad.clone() for p in model.head.parameters()]))
         r["kernel_vs_torch_v"] = rel(outs[2][0], outs[1][0])
+        r["kernel_vs_fp32_v"] = rel(outs[2][0], outs[0][0])  # the eager kernels' bf16 error
         r["kernel_vs_torch_head_grads"] = max(rel(a, b) for a, b in zip(outs[2][2], outs[1][2]))
         # every parameter's gradient against fp32, the bf16 torch path's error beside the kernels'
         r["torch_vs_fp32_grads"] = max(rel(a, b) for a, b in zip(outs[1][1], outs[0][1]))
@@ -212,8 +213,8 @@ def main():
     p.add_argument("--compile", nargs="+", choices=["none", "regions", "full"],
                    default=["regions" if torch.cuda.is_available() else "none"])
     p.add_argument("--kernel", nargs="+", choices=["on", "off"], default=["on"],
-                   help="the fused kernels: neural field, and the blocks when eager (CUDA + Triton; off "
-                        "elsewhere whatever this says)")
+                   help="the fused kernels of the neural field and the blocks (CUDA + Triton; off elsewhere "
+                        "whatever this says)")
     p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"], help="sampling only")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)

@@ -296,7 +296,7 @@ def get_parser():
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="replay each model call from a CUDA graph (CUDA only; the most gain at small batches)")
     p.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=True,
-                   help="the fused Triton neural-field kernel (CUDA and Triton only)")
+                   help="the fused Triton kernels of the neural field and the blocks (CUDA and Triton only)")
     return p
 
 

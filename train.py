@@ -414,7 +414,7 @@ def main(args):
                 with open(metrics, "w") as f:
                     f.writelines(rows)
         log.info(f"resumed {run_dir} at step {step}")
-    if args.kernel and cuda:  # fused Triton kernels (neural field; blocks when eager); the torch path otherwise
+    if args.kernel and cuda:  # fused Triton kernels (neural field, blocks); the torch path otherwise
         layers = nerf_kernel.enable(model) + nerf_kernel.enable(ema) + block_kernel.enable(model) + block_kernel.enable(ema)
         log.info(f"fused kernels: {'on' if layers else 'off (needs Triton)'}")
     if args.compile and cuda:  # regional: one compiled block serves all of them
@@ -573,8 +573,7 @@ def get_parser():
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="CUDA only")
     p.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=True,
-                   help="the fused Triton kernels: neural field, and block elementwise work without --compile "
-                        "(CUDA and Triton only)")
+                   help="the fused Triton kernels of the neural field and the blocks (CUDA and Triton only)")
     return p
 
 
