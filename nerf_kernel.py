@@ -142,20 +142,43 @@ if triton is not None:
             tl.store(OUT + ptrs, (x + _mlp(xn, w1, w2, s1, s2, DT)).to(HDT), mask=mask)
 
     @triton.jit
-    def _layer(h, W, G, n, eps, C: tl.constexpr, HID: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr):
-        """One neural-field layer on a tile h (BP, C) held in registers (fp32)."""
+    def _scales(W, S, n, l: tl.constexpr, DEPTH: tl.constexpr, C: tl.constexpr, HID: tl.constexpr,
+                NORM2: tl.constexpr):
+        """Layer l's Eq. 10 scales of patch n, computed once and stored to S (N, DEPTH, HID + C)."""
         w1, w2, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
+        base = (n * DEPTH + l) * (HID + C)
+        tl.store(S + base + tl.arange(0, HID), s1)
+        tl.store(S + base + HID + tl.arange(0, C), s2)
+
+    @triton.jit
+    def _layer(h, W, G, S, n, l: tl.constexpr, DEPTH: tl.constexpr, eps, C: tl.constexpr, HID: tl.constexpr,
+               DT: tl.constexpr):
+        """Neural-field layer l on a tile h (BP, C) held in registers (fp32), its scales read from S."""
+        offs_c, offs_h = tl.arange(0, C), tl.arange(0, HID)
+        w1 = tl.load(W + n * 2 * C * HID + offs_c[:, None] * HID + offs_h[None, :])
+        w2 = tl.load(W + n * 2 * C * HID + C * HID + offs_h[:, None] * C + offs_c[None, :])
+        base = (n * DEPTH + l) * (HID + C)
+        s1, s2 = tl.load(S + base + offs_h), tl.load(S + base + HID + offs_c)
         r, xhat, g, xn = _rms(h, G, eps, C, tl.float32, DT)
         return h + _mlp(xn, w1, w2, s1, s2, DT)
 
     @triton.jit
-    def _field_kernel(PIX, E, WX, W0, W1, W2, W3, G0, G1, G2, G3, GO, WO, BO, OUT, eps, eps_out,
+    def _field_kernel(PIX, E, WX, W0, W1, W2, W3, G0, G1, G2, G3, GO, WO, BO, OUT, S, eps, eps_out,
                       P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr, CH: tl.constexpr,
                       DEPTH: tl.constexpr, BP: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr,
                       NORM_OUT: tl.constexpr):
         """The whole field of patch n, pixel tile by pixel tile: embedding, DEPTH layers, output
-        norm and projection, in fp32 registers; only the CH output channels go to memory."""
+        norm and projection, in fp32 registers; only the CH output channels go to memory. The
+        Eq. 10 scales are computed once per patch into the scratch S, not once per tile."""
         n = tl.program_id(0)
+        _scales(W0, S, n, 0, DEPTH, C, HID, NORM2)
+        if DEPTH > 1:
+            _scales(W1, S, n, 1, DEPTH, C, HID, NORM2)
+        if DEPTH > 2:
+            _scales(W2, S, n, 2, DEPTH, C, HID, NORM2)
+        if DEPTH > 3:
+            _scales(W3, S, n, 3, DEPTH, C, HID, NORM2)
+        tl.debug_barrier()  # the program's own stores to S, visible to all its threads
         offs_c = tl.arange(0, C)
         for p0 in range(0, P, BP):
             offs_p = p0 + tl.arange(0, BP)
@@ -165,13 +188,13 @@ if triton is not None:
             for ch in tl.static_range(CH):
                 px = tl.load(PIX + (n * P + offs_p) * CH + ch, mask=pmask, other=0.0)
                 h += px[:, None] * tl.load(WX + offs_c * CH + ch)[None, :]
-            h = _layer(h, W0, G0, n, eps, C, HID, DT, NORM2)
+            h = _layer(h, W0, G0, S, n, 0, DEPTH, eps, C, HID, DT)
             if DEPTH > 1:
-                h = _layer(h, W1, G1, n, eps, C, HID, DT, NORM2)
+                h = _layer(h, W1, G1, S, n, 1, DEPTH, eps, C, HID, DT)
             if DEPTH > 2:
-                h = _layer(h, W2, G2, n, eps, C, HID, DT, NORM2)
+                h = _layer(h, W2, G2, S, n, 2, DEPTH, eps, C, HID, DT)
             if DEPTH > 3:
-                h = _layer(h, W3, G3, n, eps, C, HID, DT, NORM2)
+                h = _layer(h, W3, G3, S, n, 3, DEPTH, eps, C, HID, DT)
             if NORM_OUT:
                 r, xhat, g, xn = _rms(h, GO, eps_out, C, tl.float32, tl.float32)
                 h = xn
@@ -224,10 +247,10 @@ if triton is not None:
     # each, was slower.
     _FWD = dict(BP=64, num_warps=4, num_stages=3)
     _BWD = dict(BP=32, num_warps=4, num_stages=2)
-    # The whole-field kernel: 128-pixel tiles for 2-layer heads (L/16: 8.1 ms against 9.2 for 64 at
-    # batch 128 on an H100), 64 for deeper ones (XL/16, 4 layers: 18.5 ms against 33.8); 4 warps,
-    # 1 stage (2 and 3 were up to 2.5x slower).
-    _FIELD = dict(num_warps=4, num_stages=1)
+    # The whole-field kernel at batch 128 on an H100, kernel alone: 64-pixel tiles, 4 warps, 1 stage
+    # (L/16 4.70 ms, XL/16 9.73); 128 pixels with 8 warps 5.58 / 9.66, with 4 warps 8.29 / 32.9; 2
+    # stages slower or out of shared memory. Scales per tile instead of per patch: 4.88 / 11.25.
+    _FIELD = dict(BP=64, num_warps=4, num_stages=1)
 
     @torch.library.custom_op("pixnerd::patch_mlp", mutates_args=())
     def _patch_mlp_op(h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor, eps: float,
@@ -249,11 +272,12 @@ if triton is not None:
         N, P, CH = pixels.shape
         C = e.shape[1]
         out = torch.empty_like(pixels)
+        HID = ws[0].shape[-1] // (2 * C)
+        scales = torch.empty(N, len(ws), HID + C, device=pixels.device, dtype=torch.float32)
         pad = 4 - len(ws)  # unused layer slots
         _field_kernel[(N,)](pixels, e, wx, *[w.contiguous() for w in ws], *ws[:1] * pad, *gains, *gains[:1] * pad,
-                            go, wo, bo, out, eps, eps_out, P=P, C=C, HID=ws[0].shape[-1] // (2 * C), CH=CH,
-                            DEPTH=len(ws), DT=_DT[ws[0].dtype], NORM2=norm_w2, NORM_OUT=norm_out,
-                            **{"BP": 128 if len(ws) <= 2 else 64, **_FIELD})  # a BP in _FIELD wins
+                            go, wo, bo, out, scales, eps, eps_out, P=P, C=C, HID=HID, CH=CH, DEPTH=len(ws),
+                            DT=_DT[ws[0].dtype], NORM2=norm_w2, NORM_OUT=norm_out, **_FIELD)
         return out
 
     @_field_op.register_fake
