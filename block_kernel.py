@@ -60,7 +60,8 @@ def fused_modulate(x, norm, shift, scale):
     Under autocast the result is written in the autocast dtype: its only readers are the qkv and fc1
     Linears, which would cast it so (the same rounding, one fp32 tensor fewer)."""
     B, N, D = x.shape
-    if not (_eager(x, shift, scale) and shift.shape == scale.shape == (B, 1, D)):
+    if not (_eager(x, shift, scale) and shift.shape == scale.shape == (B, 1, D)
+            and shift.stride(-1) == scale.stride(-1) == 1):
         return modulate(x, norm, shift, scale)
     return _Modulate.apply(x, norm.weight, shift, scale, norm.eps, _autocast_dtype(x))
 
@@ -68,7 +69,7 @@ def fused_modulate(x, norm, shift, scale):
 def fused_gated_residual(x, gate, y):
     """model.gated_residual: x + gate * y, x and y (B, N, D), gate (B, 1, D)."""
     B, N, D = x.shape
-    if not (_eager(x, gate, y) and y.shape == x.shape and gate.shape == (B, 1, D)):
+    if not (_eager(x, gate, y) and y.shape == x.shape and gate.shape == (B, 1, D) and gate.stride(-1) == 1):
         return gated_residual(x, gate, y)
     return _GatedResidual.apply(x, gate, y)
 
