@@ -1856,14 +1856,19 @@ print("kernel ok")
 """
 
 
+def run_interpreted(script, done):
+    """Runs a kernel check script in Triton's CPU interpreter (its own process: the interpreter is
+    chosen when Triton is imported) and asserts that it got to the end."""
+    r = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(__file__) or ".",
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert r.returncode == 0 and done in r.stdout, r.stderr[-2000:]
+
 def test_fused_kernel_matches_torch_path_or_falls_back():
     """With Triton installed, the kernel runs in Triton's CPU interpreter against the torch path
     (fp16: the interpreter mishandles bf16), forward and all three gradients. Without Triton (CI),
     enable() routes nothing and the model computes exactly what it did."""
     if importlib.util.find_spec("triton"):
-        r = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=os.path.dirname(__file__) or ".",
-                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-        assert r.returncode == 0 and "kernel ok" in r.stdout, r.stderr[-2000:]
+        run_interpreted(KERNEL_CHECK, "kernel ok")
     else:
         torch.manual_seed(0)
         model = MODELS["XS/16"]().eval()
@@ -1946,9 +1951,7 @@ def test_block_kernels_match_torch_functions_or_fall_back():
     and fp16 (the interpreter mishandles bf16); odd sizes, head widths that are not powers of 2, q as
     a strided view of qkv. Without Triton (CI), enable() routes nothing and the model is unchanged."""
     if importlib.util.find_spec("triton"):
-        r = subprocess.run([sys.executable, "-c", BLOCK_KERNEL_CHECK], cwd=os.path.dirname(__file__) or ".",
-                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
-        assert r.returncode == 0 and "block kernels ok" in r.stdout, r.stderr[-2000:]
+        run_interpreted(BLOCK_KERNEL_CHECK, "block kernels ok")
     else:
         torch.manual_seed(0)
         model = MODELS["XS/16"]()
