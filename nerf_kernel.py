@@ -118,11 +118,16 @@ if triton is not None:
         return tl.dot(sg, w2) * s2[None, :]                                         # (BP, C) fp32
 
     @triton.jit
+    def _weight_offsets(n, C: tl.constexpr, HID: tl.constexpr):
+        """Offsets of patch n's W1 (C, HID) and W2 (HID, C) in the generator output (N, 2 C HID)."""
+        offs_c, offs_h = tl.arange(0, C), tl.arange(0, HID)
+        return (n * 2 * C * HID + offs_c[:, None] * HID + offs_h[None, :],
+                n * 2 * C * HID + C * HID + offs_h[:, None] * C + offs_c[None, :])
+
+    @triton.jit
     def _weights(W, n, C: tl.constexpr, HID: tl.constexpr, NORM2: tl.constexpr):
         """Patch n's raw W1 (C, HID) and W2 (HID, C) and the Eq. 10 column scales 1/|w_j| (fp32)."""
-        offs_c, offs_h = tl.arange(0, C), tl.arange(0, HID)
-        w1_ptrs = n * 2 * C * HID + offs_c[:, None] * HID + offs_h[None, :]
-        w2_ptrs = n * 2 * C * HID + C * HID + offs_h[:, None] * C + offs_c[None, :]
+        w1_ptrs, w2_ptrs = _weight_offsets(n, C, HID)
         w1, w2 = tl.load(W + w1_ptrs), tl.load(W + w2_ptrs)
         w1f, w2f = w1.to(tl.float32), w2.to(tl.float32)
         s1 = 1 / tl.maximum(tl.sqrt(tl.sum(w1f * w1f, axis=0)), 1e-12)            # (HID,)
@@ -154,11 +159,10 @@ if triton is not None:
     def _layer(h, W, G, S, n, l: tl.constexpr, DEPTH: tl.constexpr, eps, C: tl.constexpr, HID: tl.constexpr,
                DT: tl.constexpr):
         """Neural-field layer l on a tile h (BP, C) held in registers (fp32), its scales read from S."""
-        offs_c, offs_h = tl.arange(0, C), tl.arange(0, HID)
-        w1 = tl.load(W + n * 2 * C * HID + offs_c[:, None] * HID + offs_h[None, :])
-        w2 = tl.load(W + n * 2 * C * HID + C * HID + offs_h[:, None] * C + offs_c[None, :])
+        w1_ptrs, w2_ptrs = _weight_offsets(n, C, HID)
+        w1, w2 = tl.load(W + w1_ptrs), tl.load(W + w2_ptrs)
         base = (n * DEPTH + l) * (HID + C)
-        s1, s2 = tl.load(S + base + offs_h), tl.load(S + base + HID + offs_c)
+        s1, s2 = tl.load(S + base + tl.arange(0, HID)), tl.load(S + base + HID + tl.arange(0, C))
         r, xhat, g, xn = _rms(h, G, eps, C, tl.float32, DT)
         return h + _mlp(xn, w1, w2, s1, s2, DT)
 

@@ -32,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import flow
 import block_kernel
+import flow
 import nerf_kernel
 from model import MODELS, SwiGLU, convert_official, load_weights
 from samplers import guided, sample
@@ -415,8 +415,8 @@ def main(args):
                     f.writelines(rows)
         log.info(f"resumed {run_dir} at step {step}")
     if args.kernel and cuda:  # fused Triton kernels (neural field, blocks); the torch path otherwise
-        layers = nerf_kernel.enable(model) + nerf_kernel.enable(ema) + block_kernel.enable(model) + block_kernel.enable(ema)
-        log.info(f"fused kernels: {'on' if layers else 'off (needs Triton)'}")
+        routed = sum(k.enable(m) for k in (nerf_kernel, block_kernel) for m in (model, ema))
+        log.info(f"fused kernels: {'on' if routed else 'off (needs Triton)'}")
     if args.compile and cuda:  # regional: one compiled block serves all of them
         model.compile_regions()
     train_obj = DDP(objective, device_ids=[device.index] if cuda else None) if ddp else objective
