@@ -163,19 +163,19 @@ class NerfHead(nn.Module):
         self.out = nn.Linear(width, channels)  # Eq. 11, zero-initialised as the official code
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.fused = None  # set by nerf_kernel.enable(): this forward in one kernel, for inference
+        self.fused = None  # set by nerf_kernel.enable(): this forward through fused kernels
 
     def forward(self, s, pixels, ph, pw):
         """s: (N, cond_dim); pixels: (N, ph*pw, C) noisy pixel values -> (N, ph*pw, C) velocity."""
-        if self.fused is not None and not torch.is_grad_enabled():
+        if self.fused is not None:
             v = self.fused(self, s, pixels, ph, pw)
             if v is not None:
                 return v
         phi = coordinate_encoding(self.encoding, ph, pw, pixels.device)     # Eq. 12: (ph*pw, 64)
         # The pixel-level Linears (C + 64 -> width, width -> C) run in the pixels' precision (fp32
         # under autocast): they are few FLOPs, and noisy pixels rounded to bf16 would cost accuracy
-        # in the velocity. (Their fp32 tensors do cost memory traffic: nerf_kernel's inference
-        # kernel keeps them on chip.) h: (N, ph*pw, width) is a residual stream like the transformer's.
+        # in the velocity. (Their fp32 tensors do cost memory traffic: nerf_kernel's kernels keep
+        # them on chip.) h: (N, ph*pw, width) is a residual stream like the transformer's.
         # Linear([x, phi]) = x Wx^T + (phi Wphi^T + b): the coordinate half is the same for every
         # patch, so it is computed once per pixel position instead of once per patch and pixel.
         dt, C = pixels.dtype, self.channels

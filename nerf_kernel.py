@@ -8,8 +8,10 @@ it loads the patch's predicted W1 and W2 once, computes their Eq. 10 scales, run
 through the MLP in on-chip memory and writes only the output. The backward recomputes the hidden
 activations from the layer's input instead of storing them, and sums the patch's weight gradients
 on chip, through the normalisation, so neither pass writes a normalised copy of the weights.
-For inference (no gradients) a second kernel runs the whole head of a patch on chip, embedding,
-every layer and the output projection, and writes only the velocity.
+In the head the first layer also computes the embedding from the pixels, and the last the output
+norm and projection, so the (patches, pixels, width) fp32 tensors in memory are only the inner
+layers' inputs (one at L/16). For inference (no gradients) a second kernel runs the whole head of
+a patch on chip, embedding, every layer and the output projection, and writes only the velocity.
 
 The forward rounds where the torch path rounds (h in fp32 or bf16; the matmul operands in the
 weights' dtype, bf16 or fp16; fp32 accumulation and Eq. 10 scales), so the two agree to
@@ -20,8 +22,9 @@ adds a faster path, never a different function.
 
 A file of its own so that nerf_head.py stays torch-only: the scripts call enable(model) on a GPU.
 """
-import torch
+from typing import Optional
 
+import torch
 import torch.nn.functional as F
 
 from nerf_head import NerfBlock, NerfHead, RMSNorm, coordinate_encoding, no_autocast, patch_mlp
@@ -58,21 +61,24 @@ def fused_patch_mlp(h, w, norm, norm_w2=True):
     """patch_mlp(h, w, norm, norm_w2) through the kernel for CUDA inputs with bf16/fp16 weights, else the torch path."""
     if not (h.is_cuda and w.dtype in (torch.bfloat16, torch.float16)):
         return patch_mlp(h, w, norm, norm_w2)
-    return _patch_mlp_op(h.contiguous(), w.contiguous(), norm.weight, norm.eps, norm_w2)
+    return _patch_mlp_op(h.contiguous(), w.contiguous(), norm.weight, None, None, None, None, None,
+                         norm.eps, 0.0, norm_w2, False)
 
 
 def fused_head(head, s, pixels, ph, pw):
-    """NerfHead.forward for inference (no gradients) in one kernel: a patch's embedding, layers and
-    output projection run on chip, so no (patches, pixels, width) tensor goes to memory (at L/16
-    batch 128 those fp32 tensors were most of the head's time). None where the kernel does not
-    apply and the head takes its torch path: CPU tensors, pixels not in fp32, more than 4 layers,
-    generator outputs in fp32 (no autocast)."""
+    """NerfHead.forward through the kernels, so no (patches, pixels, width) fp32 tensor but the
+    layers' inputs goes to memory (at L/16 batch 64 each is 1 GiB). Training: one kernel per
+    layer, the first computing the embedding, the last the output norm and projection, each
+    backward recomputing from its layer's input. Inference: the whole field in one kernel (at most
+    4 layers), writing only the velocity. None where the kernels do not apply and the head takes
+    its torch path: CPU tensors, pixels not in fp32, generator outputs in fp32 (no autocast)."""
     return _fused_head(head, s, pixels, ph, pw) if pixels.is_cuda else None
 
 
 def _fused_head(head, s, pixels, ph, pw):  # the device check apart, for the interpreter test
     blocks, C = head.blocks, head.channels
-    if pixels.dtype != torch.float32 or not 1 <= len(blocks) <= 4:
+    training = torch.is_grad_enabled()
+    if pixels.dtype != torch.float32 or not (training or len(blocks) <= 4):
         return None
     ws = [b.generator(s) for b in blocks]                                   # (N, 2 * width * hidden)
     if ws[0].dtype not in (torch.bfloat16, torch.float16):  # fp32 without autocast: the torch path's matmuls
@@ -81,11 +87,19 @@ def _fused_head(head, s, pixels, ph, pw):  # the device check apart, for the int
     with no_autocast(pixels):
         w = head.embed.weight.float()
         e = F.linear(phi, w[:, C:], head.embed.bias.float())                # (ph*pw, width), all patches
+    wx, wo, bo = w[:, :C].contiguous(), head.out.weight.float(), head.out.bias.float()
     norm_out = isinstance(head.norm_out, RMSNorm)
-    go, eps_out = (head.norm_out.weight, head.norm_out.eps) if norm_out else (w[0], 0.0)  # w[0]: unread
-    return _field_op(pixels.contiguous(), e, w[:, :C].contiguous(), ws, [b.norm.weight for b in blocks], go,
-                     head.out.weight.float(), head.out.bias.float(), blocks[0].norm.eps, eps_out,
-                     blocks[0].norm_w2, norm_out)
+    go, eps_out = (head.norm_out.weight, head.norm_out.eps) if norm_out else (None, 0.0)
+    pixels = pixels.contiguous()
+    if not training:
+        return _field_op(pixels, e, wx, ws, [b.norm.weight for b in blocks], go if norm_out else wx, wo, bo,
+                         blocks[0].norm.eps, eps_out, blocks[0].norm_w2, norm_out)
+    h, last = pixels, len(blocks) - 1
+    for i, (b, w) in enumerate(zip(blocks, ws)):
+        h = _patch_mlp_op(h, w.contiguous(), b.norm.weight, *((e, wx) if i == 0 else (None, None)),
+                          *((go, wo, bo) if i == last else (None, None, None)), b.norm.eps, eps_out,
+                          b.norm_w2, norm_out and i == last)
+    return h
 
 
 if triton is not None:
@@ -100,15 +114,70 @@ if triton is not None:
         return r, xhat, g, xn
 
     @triton.jit
-    def _rms_in(H, G, n, p0, P, eps, C: tl.constexpr, BP: tl.constexpr, HDT: tl.constexpr, DT: tl.constexpr):
-        """Pixels p0..p0+BP of patch n: x (fp32) loaded from H, and _rms(x)."""
+    def _rms_bwd(x, r, dxhat, C: tl.constexpr):
+        """dL/dx of x_hat = x r, r = 1/rms(x), given dL/dx_hat (all (BP, C) fp32)."""
+        xr = x * r[:, None]
+        return r[:, None] * (dxhat - xr * (tl.sum(dxhat * xr, axis=1) / C)[:, None])
+
+    @triton.jit
+    def _tile(n, p0, P, C: tl.constexpr, BP: tl.constexpr):
+        """Pixels p0..p0+BP of patch n: their indices, the mask of real pixels and their
+        offsets in a (N, P, C) tensor."""
         offs_p = p0 + tl.arange(0, BP)
+        pmask = offs_p < P
+        return offs_p, pmask, n * P * C + offs_p[:, None] * C + tl.arange(0, C)[None, :]
+
+    @triton.jit
+    def _embed(PIX, E, WX, n, offs_p, pmask, P, C: tl.constexpr, CH: tl.constexpr):
+        """Linear([x, phi]) of pixels offs_p of patch n, (BP, C) fp32: E = phi Wphi^T + b (the same
+        for every patch) plus x Wx^T as CH products."""
         offs_c = tl.arange(0, C)
-        mask = offs_p[:, None] < P
-        ptrs = n * P * C + offs_p[:, None] * C + offs_c[None, :]
-        x = tl.load(H + ptrs, mask=mask, other=0.0).to(tl.float32)                # (BP, C)
-        r, xhat, g, xn = _rms(x, G, eps, C, HDT, DT)
-        return x, r, xhat, g, xn, ptrs, mask
+        h = tl.load(E + offs_p[:, None] * C + offs_c[None, :], mask=pmask[:, None], other=0.0)
+        for ch in tl.static_range(CH):
+            px = tl.load(PIX + (n * P + offs_p) * CH + ch, mask=pmask, other=0.0)
+            h += px[:, None] * tl.load(WX + offs_c * CH + ch)[None, :]
+        return h
+
+    @triton.jit
+    def _h_in(H, E, WX, n, offs_p, pmask, ptrs, P, C: tl.constexpr, CH: tl.constexpr, FIRST: tl.constexpr):
+        """A layer's input tile (BP, C) in fp32: loaded from H, or (FIRST) the embedding of the pixels H."""
+        if FIRST:
+            x = _embed(H, E, WX, n, offs_p, pmask, P, C, CH)
+        else:
+            x = tl.load(H + ptrs, mask=pmask[:, None], other=0.0).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _out(h, GO, WO, BO, OUT, n, offs_p, pmask, P, eps_out, C: tl.constexpr, CH: tl.constexpr,
+             NORM_OUT: tl.constexpr):
+        """Eq. 11 on a tile h (BP, C) fp32: the output RMSNorm (NORM_OUT), then width -> CH channels,
+        stored to OUT (N, P, CH)."""
+        offs_c = tl.arange(0, C)
+        if NORM_OUT:
+            r, xhat, g, h = _rms(h, GO, eps_out, C, tl.float32, tl.float32)
+        for ch in tl.static_range(CH):
+            o = tl.sum(h * tl.load(WO + ch * C + offs_c)[None, :], axis=1) + tl.load(BO + ch)
+            tl.store(OUT + (n * P + offs_p) * CH + ch, o, mask=pmask)
+
+    @triton.jit
+    def _out_bwd(h, GO, WO, DOUT, n, offs_p, pmask, P, eps_out, dgo, dwo, C: tl.constexpr, CH: tl.constexpr,
+                 CHP: tl.constexpr, NORM_OUT: tl.constexpr):
+        """Backward of _out at the tile h: dL/dh, and the tile's gradient sums added to dgo (C,) (the
+        output norm's gain) and dwo (CHP, C) (the projection)."""
+        offs_c, offs_ch = tl.arange(0, C), tl.arange(0, CHP)
+        xn = h
+        if NORM_OUT:
+            r, xhat, g, xn = _rms(h, GO, eps_out, C, tl.float32, tl.float32)
+        dxn = tl.zeros_like(h)
+        for ch in tl.static_range(CH):
+            d = tl.load(DOUT + (n * P + offs_p) * CH + ch, mask=pmask, other=0.0)  # (BP,)
+            dxn += d[:, None] * tl.load(WO + ch * C + offs_c)[None, :]
+            dwo += tl.where(offs_ch[:, None] == ch, tl.sum(d[:, None] * xn, axis=0)[None, :], 0.0)
+        dh = dxn
+        if NORM_OUT:
+            dgo += tl.sum(dxn * xhat, axis=0)
+            dh = _rms_bwd(h, r, dxn * g[None, :], C)
+        return dh, dgo, dwo
 
     @triton.jit
     def _mlp(xn, w1, w2, s1, s2, DT: tl.constexpr):
@@ -138,13 +207,22 @@ if triton is not None:
         return w1, w2, s1, s2, w1_ptrs, w2_ptrs
 
     @triton.jit
-    def _fwd_kernel(H, W, G, OUT, eps, P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr, BP: tl.constexpr,
-                    HDT: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr):
+    def _fwd_kernel(H, E, WX, W, G, GO, WO, BO, OUT, eps, eps_out, P: tl.constexpr, C: tl.constexpr,
+                    HID: tl.constexpr, CH: tl.constexpr, BP: tl.constexpr, HDT: tl.constexpr, DT: tl.constexpr,
+                    NORM2: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, NORM_OUT: tl.constexpr):
+        """One layer of patch n. FIRST: H holds the pixels and the layer starts with the embedding;
+        LAST: it ends with the output projection and stores the CH channels, not the features."""
         n = tl.program_id(0)
         w1, w2, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
         for p0 in range(0, P, BP):
-            x, r, xhat, g, xn, ptrs, mask = _rms_in(H, G, n, p0, P, eps, C, BP, HDT, DT)
-            tl.store(OUT + ptrs, (x + _mlp(xn, w1, w2, s1, s2, DT)).to(HDT), mask=mask)
+            offs_p, pmask, ptrs = _tile(n, p0, P, C, BP)
+            x = _h_in(H, E, WX, n, offs_p, pmask, ptrs, P, C, CH, FIRST)
+            r, xhat, g, xn = _rms(x, G, eps, C, HDT, DT)
+            h = x + _mlp(xn, w1, w2, s1, s2, DT)
+            if LAST:
+                _out(h, GO, WO, BO, OUT, n, offs_p, pmask, P, eps_out, C, CH, NORM_OUT)
+            else:
+                tl.store(OUT + ptrs, h.to(HDT), mask=pmask[:, None])
 
     @triton.jit
     def _scales(W, S, n, l: tl.constexpr, DEPTH: tl.constexpr, C: tl.constexpr, HID: tl.constexpr,
@@ -183,15 +261,9 @@ if triton is not None:
         if DEPTH > 3:
             _scales(W3, S, n, 3, DEPTH, C, HID, NORM2)
         tl.debug_barrier()  # the program's own stores to S, visible to all its threads
-        offs_c = tl.arange(0, C)
         for p0 in range(0, P, BP):
-            offs_p = p0 + tl.arange(0, BP)
-            pmask = offs_p < P
-            # Linear([x, phi]): E = phi Wphi^T + b (same for every patch) plus x Wx^T, CH products
-            h = tl.load(E + offs_p[:, None] * C + offs_c[None, :], mask=pmask[:, None], other=0.0)
-            for ch in tl.static_range(CH):
-                px = tl.load(PIX + (n * P + offs_p) * CH + ch, mask=pmask, other=0.0)
-                h += px[:, None] * tl.load(WX + offs_c * CH + ch)[None, :]
+            offs_p, pmask, ptrs = _tile(n, p0, P, C, BP)
+            h = _embed(PIX, E, WX, n, offs_p, pmask, P, C, CH)
             h = _layer(h, W0, G0, S, n, 0, DEPTH, eps, C, HID, DT)
             if DEPTH > 1:
                 h = _layer(h, W1, G1, S, n, 1, DEPTH, eps, C, HID, DT)
@@ -199,28 +271,35 @@ if triton is not None:
                 h = _layer(h, W2, G2, S, n, 2, DEPTH, eps, C, HID, DT)
             if DEPTH > 3:
                 h = _layer(h, W3, G3, S, n, 3, DEPTH, eps, C, HID, DT)
-            if NORM_OUT:
-                r, xhat, g, xn = _rms(h, GO, eps_out, C, tl.float32, tl.float32)
-                h = xn
-            for ch in tl.static_range(CH):  # Eq. 11: width -> CH
-                o = tl.sum(h * tl.load(WO + ch * C + offs_c)[None, :], axis=1) + tl.load(BO + ch)
-                tl.store(OUT + (n * P + offs_p) * CH + ch, o, mask=pmask)
+            _out(h, GO, WO, BO, OUT, n, offs_p, pmask, P, eps_out, C, CH, NORM_OUT)
 
     @triton.jit
-    def _bwd_kernel(H, W, G, DOUT, DH, DW, DG, eps, P: tl.constexpr, C: tl.constexpr, HID: tl.constexpr,
-                    BP: tl.constexpr, HDT: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr):
+    def _bwd_kernel(H, E, WX, W, G, GO, WO, DOUT, DH, DW, DG, DGO, DWO, eps, eps_out, P: tl.constexpr,
+                    C: tl.constexpr, HID: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr, BP: tl.constexpr,
+                    HDT: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr, FIRST: tl.constexpr,
+                    LAST: tl.constexpr, NORM_OUT: tl.constexpr):
+        """Backward of _fwd_kernel for patch n: recomputes the layer (and, LAST, its output) from
+        its input, writes dL/d(input features) to DH and the patch's weight gradient to DW."""
         n = tl.program_id(0)
         w1, w2, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
         offs_c = tl.arange(0, C)
         m1 = tl.zeros((C, HID), tl.float32)   # dL/dW1 through the matmul, scales included
         m2 = tl.zeros((HID, C), tl.float32)
         dg = tl.zeros((C,), tl.float32)
+        dgo = tl.zeros((C,), tl.float32)
+        dwo = tl.zeros((CHP, C), tl.float32)
         for p0 in range(0, P, BP):
-            x, r, xhat, g, xn, ptrs, mask = _rms_in(H, G, n, p0, P, eps, C, BP, HDT, DT)
+            offs_p, pmask, ptrs = _tile(n, p0, P, C, BP)
+            x = _h_in(H, E, WX, n, offs_p, pmask, ptrs, P, C, CH, FIRST)
+            r, xhat, g, xn = _rms(x, G, eps, C, HDT, DT)
             a = tl.dot(xn, w1) * s1[None, :]                                        # recomputed
             sig = tl.sigmoid(a)
             sg = (a * sig).to(DT)
-            do = tl.load(DOUT + ptrs, mask=mask, other=0.0).to(tl.float32)          # (BP, C)
+            if LAST:  # the layer's output, recomputed, through the output norm and projection
+                do, dgo, dwo = _out_bwd(x + tl.dot(sg, w2) * s2[None, :], GO, WO, DOUT, n, offs_p, pmask, P,
+                                        eps_out, dgo, dwo, C, CH, CHP, NORM_OUT)
+            else:
+                do = tl.load(DOUT + ptrs, mask=pmask[:, None], other=0.0).to(tl.float32)   # (BP, C)
             do_ = (do * s2[None, :]).to(DT)                                         # through o = (sg W2) s2
             m2 += tl.dot(tl.trans(sg), do_)                                         # (HID, C)
             dsg = tl.dot(do_, tl.trans(w2)).to(DT).to(tl.float32)                  # (BP, HID)
@@ -228,10 +307,8 @@ if triton is not None:
             m1 += tl.dot(tl.trans(xn), da)                                          # (C, HID)
             dxn = tl.dot(da, tl.trans(w1)).to(DT).to(HDT).to(tl.float32)           # (BP, C)
             dg += tl.sum(dxn * xhat.to(tl.float32), axis=0)
-            dxhat = (dxn * g[None, :]).to(HDT).to(tl.float32)
-            xr = x * r[:, None]                                                     # RMSNorm backward
-            dx = r[:, None] * (dxhat - xr * (tl.sum(dxhat * xr, axis=1) / C)[:, None])
-            tl.store(DH + ptrs, (do + dx).to(HDT), mask=mask)
+            dx = _rms_bwd(x, r, (dxn * g[None, :]).to(HDT).to(tl.float32), C)
+            tl.store(DH + ptrs, (do + dx).to(HDT), mask=pmask[:, None])
         # Eq. 10 backward: s_j = 1/|w_j| gives dW = M - W s_j^2 sum_i(W_ij M_ij) for the raw weights
         w1f = w1.to(tl.float32)
         dw1 = m1 - w1f * (s1 * s1 * tl.sum(w1f * m1, axis=0))[None, :]
@@ -242,32 +319,64 @@ if triton is not None:
         tl.store(DW + w1_ptrs, dw1.to(DT))
         tl.store(DW + w2_ptrs, dw2.to(DT))
         tl.store(DG + n * C + offs_c, dg)
+        if LAST:
+            tl.store(DGO + n * C + offs_c, dgo)
+            tl.store(DWO + n * CHP * C + tl.arange(0, CHP)[:, None] * C + offs_c[None, :], dwo)
 
     _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-    # BP: pixels per inner step, picked by timing BP 16-128, 4 or 8 warps and 1-3 stages at L/16
-    # batch-64 shapes. The backward holds two (width x hidden) fp32 accumulators; with 64-pixel
-    # tiles and 8 warps it took twice as long (bench.py --profile, H100). Even the chosen tile uses
-    # 255 registers and spills 276 (Triton's report); a split into two kernels, one accumulator
-    # each, was slower.
-    _FWD = dict(BP=64, num_warps=4, num_stages=3)
-    _BWD = dict(BP=32, num_warps=4, num_stages=2)
+    # Tile settings per layer kind (the first layer embeds the pixels, the last ends with the output):
+    # BP pixels per inner step, picked by timing BP 16-128, 4 or 8 warps, 1-4 stages at L/16 batch-64
+    # shapes on an H100, each kernel alone (median of triton's do_bench, 2026-11-26). Backward: plain
+    # 4.54 ms, first 4.95, last 6.02 (32-pixel tiles, 4 warps, 2 stages, the previous setting for all:
+    # 4.93 / 5.81 / 8.49); forward 1.07, 1.27, 1.08. The backward holds two (width x hidden) fp32
+    # weight-gradient accumulators: at 4 warps Triton's code uses 255 registers and spills 1.3-1.9 KB
+    # per thread (ptxas); 8 warps spill less but run one program per SM, and a register cap
+    # (maxnreg 128 or 168) was slower everywhere.
+    _FWD = {"plain": dict(BP=64, num_warps=4, num_stages=3), "first": dict(BP=64, num_warps=4, num_stages=1),
+            "last": dict(BP=64, num_warps=4, num_stages=1)}
+    _BWD = {"plain": dict(BP=16, num_warps=4, num_stages=3), "first": dict(BP=16, num_warps=4, num_stages=3),
+            "last": dict(BP=32, num_warps=8, num_stages=3)}
     # The whole-field kernel at batch 128 on an H100, kernel alone: 64-pixel tiles, 4 warps, 1 stage
     # (L/16 4.70 ms, XL/16 9.73); 128 pixels with 8 warps 5.58 / 9.66, with 4 warps 8.29 / 32.9; 2
     # stages slower or out of shared memory. Scales per tile instead of per patch: 4.88 / 11.25.
     _FIELD = dict(BP=64, num_warps=4, num_stages=1)
 
+    def _features(h, e):
+        """(N, P, C): a layer's input features; (FIRST, e given) h holds the pixels, C is e's width."""
+        return (*h.shape[:2], e.shape[1]) if e is not None else h.shape
+
+    def _out_shape(h, e, wo):
+        """A layer's output: its features, or (LAST) the CH output channels."""
+        N, P, C = _features(h, e)
+        return (N, P, wo.shape[0] if wo is not None else C)
+
+    def _launch_args(h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out):
+        """Pointers and constants shared by the forward and backward kernels; absent tensors are
+        passed as h (never read: their constexpr flag is off)."""
+        N, P, C = _features(h, e)
+        ptrs = [t if t is not None else h for t in (h, e, wx, w, gain, go, wo)]
+        CH = h.shape[-1] if e is not None else wo.shape[0] if wo is not None else 1  # pixel channels
+        consts = dict(P=P, C=C, HID=w.shape[-1] // (2 * C), CH=CH,
+                      HDT=_DT[h.dtype], DT=_DT[w.dtype], NORM2=norm_w2, FIRST=e is not None,
+                      LAST=wo is not None, NORM_OUT=norm_out)
+        return ptrs, consts, "last" if wo is not None else "first" if e is not None else "plain"
+
     @torch.library.custom_op("pixnerd::patch_mlp", mutates_args=())
-    def _patch_mlp_op(h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor, eps: float,
-                      norm_w2: bool) -> torch.Tensor:
-        N, P, C = h.shape
-        out = torch.empty_like(h)
-        _fwd_kernel[(N,)](h, w, gain, out, eps, P=P, C=C, HID=w.shape[-1] // (2 * C), HDT=_DT[h.dtype],
-                          DT=_DT[w.dtype], NORM2=norm_w2, **_FWD)
+    def _patch_mlp_op(h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor, e: Optional[torch.Tensor],
+                      wx: Optional[torch.Tensor], go: Optional[torch.Tensor], wo: Optional[torch.Tensor],
+                      bo: Optional[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
+                      norm_out: bool) -> torch.Tensor:
+        """One layer, h (N, P, C) -> (N, P, C). With e, wx: h is the pixels (N, P, CH) and the layer
+        starts with the embedding, e = phi Wphi^T + b (P, C) and Wx (C, CH). With wo, bo (and go if
+        norm_out): it ends with the output norm and projection and returns (N, P, CH)."""
+        ptrs, consts, kind = _launch_args(h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out)
+        out = h.new_empty(_out_shape(h, e, wo))
+        _fwd_kernel[(h.shape[0],)](*ptrs, bo if bo is not None else h, out, eps, eps_out, **consts, **_FWD[kind])
         return out
 
     @_patch_mlp_op.register_fake
-    def _(h, w, gain, eps, norm_w2):
-        return torch.empty_like(h)
+    def _(h, w, gain, e, wx, go, wo, bo, eps, eps_out, norm_w2, norm_out):
+        return h.new_empty(_out_shape(h, e, wo))
 
     @torch.library.custom_op("pixnerd::field", mutates_args=())
     def _field_op(pixels: torch.Tensor, e: torch.Tensor, wx: torch.Tensor, ws: list[torch.Tensor],
@@ -290,25 +399,49 @@ if triton is not None:
 
     @torch.library.custom_op("pixnerd::patch_mlp_backward", mutates_args=())
     def _patch_mlp_backward_op(dout: torch.Tensor, h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor,
-                               eps: float, norm_w2: bool) -> list[torch.Tensor]:
-        N, P, C = h.shape
-        dh, dw = torch.empty_like(h), torch.empty_like(w)
+                               e: Optional[torch.Tensor], wx: Optional[torch.Tensor], go: Optional[torch.Tensor],
+                               wo: Optional[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
+                               norm_out: bool) -> list[torch.Tensor]:
+        """Gradients of _patch_mlp_op: [dL/d(input features) (N, P, C), dw, dgain, and with wo
+        dgo and dwo (else empty)]. With e, the features are the embedding's output: the caller
+        takes them on to the pixels, e and Wx."""
+        ptrs, consts, kind = _launch_args(h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out)
+        N, P, C = _features(h, e)
+        CHP = triton.next_power_of_2(consts["CH"])
+        dh, dw = h.new_empty(N, P, C), torch.empty_like(w)
         dg = torch.empty(N, C, device=h.device, dtype=torch.float32)
-        _bwd_kernel[(N,)](h, w, gain, dout.contiguous(), dh, dw, dg, eps, P=P, C=C, HID=w.shape[-1] // (2 * C),
-                          HDT=_DT[h.dtype], DT=_DT[w.dtype], NORM2=norm_w2, **_BWD)
-        return [dh, dw, dg.sum(0).to(gain.dtype)]
+        dgo, dwo = (torch.empty(N, C, device=h.device), torch.empty(N, CHP, C, device=h.device)) \
+            if wo is not None else (dg, dg)
+        _bwd_kernel[(N,)](*ptrs, dout.contiguous(), dh, dw, dg, dgo, dwo, eps, eps_out, **consts, CHP=CHP,
+                          **_BWD[kind])
+        if wo is None:
+            return [dh, dw, dg.sum(0).to(gain.dtype), h.new_empty(0), h.new_empty(0)]
+        return [dh, dw, dg.sum(0).to(gain.dtype), dgo.sum(0) if go is None else dgo.sum(0).to(go.dtype),
+                dwo.sum(0)[: wo.shape[0]].to(wo.dtype)]
 
     @_patch_mlp_backward_op.register_fake
-    def _(dout, h, w, gain, eps, norm_w2):
-        return [torch.empty_like(h), torch.empty_like(w), torch.empty_like(gain)]
+    def _(dout, h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out):
+        N, P, C = _features(h, e)
+        if wo is None:
+            extra = [h.new_empty(0), h.new_empty(0)]
+        else:
+            extra = [go.new_empty(go.shape) if go is not None else h.new_empty(C), torch.empty_like(wo)]
+        return [h.new_empty(N, P, C), torch.empty_like(w), torch.empty_like(gain), *extra]
 
     def _setup_context(ctx, inputs, output):
-        h, w, gain, eps, norm_w2 = inputs
-        ctx.save_for_backward(h, w, gain)
-        ctx.eps, ctx.norm_w2 = eps, norm_w2
+        h, w, gain, e, wx, go, wo, bo, ctx.eps, ctx.eps_out, ctx.norm_w2, ctx.norm_out = inputs
+        ctx.save_for_backward(h, w, gain, e, wx, go, wo)
 
     def _backward(ctx, dout):
-        dh, dw, dg = _patch_mlp_backward_op(dout, *ctx.saved_tensors, ctx.eps, ctx.norm_w2)
-        return dh, dw, dg, None, None
+        h, w, gain, e, wx, go, wo = ctx.saved_tensors
+        dh, dw, dg, dgo, dwo = _patch_mlp_backward_op(dout, h, w, gain, e, wx, go, wo, ctx.eps, ctx.eps_out,
+                                                      ctx.norm_w2, ctx.norm_out)
+        de = dwx = None
+        if e is not None:  # dh is dL/dh0 of h0 = x Wx^T + e: on to the pixels x, e and Wx
+            de, dwx = dh.sum(0), torch.einsum("npc,npk->ck", dh, h)
+            dh = dh @ wx if ctx.needs_input_grad[0] else None
+        last = wo is not None
+        return (dh, dw, dg, de, dwx, dgo if last and go is not None else None, dwo if last else None,
+                dout.sum((0, 1)) if last else None, None, None, None, None)
 
     _patch_mlp_op.register_autograd(_backward, setup_context=_setup_context)

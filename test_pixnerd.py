@@ -1833,7 +1833,7 @@ for N, P, C, hdt, norm_w2 in [(3, 256, 64, torch.float32, True), (2, 100, 32, to
     h = torch.randn(N, P, C).to(hdt).requires_grad_()
     w = (0.1 * torch.randn(N, 4 * C * C)).half().requires_grad_()
     ref = patch_mlp(h, w, norm, norm_w2)
-    out = nerf_kernel._patch_mlp_op(h, w, norm.weight, norm.eps, norm_w2)
+    out = nerf_kernel._patch_mlp_op(h, w, norm.weight, None, None, None, None, None, norm.eps, 0.0, norm_w2, False)
     assert out.dtype == ref.dtype and rel(out, ref) < (1e-4 if hdt == torch.float32 else 1e-3), rel(out, ref)
     dout = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(out, (h, w, norm.weight), dout),
@@ -1852,6 +1852,16 @@ for norm, depth, ph in (("fc1_fc2_out", 2, 16), ("fc1", 3, 5), ("fc1_fc2", 4, 8)
         ref = head(s, pix, ph, ph)
         out = nerf_kernel._fused_head(head, s, pix, ph, ph)
     assert out.shape == ref.shape and rel(out, ref) < 1e-4, (norm, depth, rel(out, ref))
+    # training: the chain of layer kernels (embedding in the first, output in the last) against the
+    # torch path, velocity and the gradients of s, the pixels and every parameter of the head
+    s, pix = s.float().requires_grad_(), pix.requires_grad_()
+    inputs = [s, pix, *head.parameters()]
+    ref = head(s.half(), pix, ph, ph)
+    out = nerf_kernel._fused_head(head, s.half(), pix, ph, ph)
+    assert out.shape == ref.shape and rel(out, ref) < 1e-4, (norm, depth, rel(out, ref))
+    dv = torch.randn_like(ref)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, dv), torch.autograd.grad(ref, inputs, dv))):
+        assert a.dtype == b.dtype and rel(a, b) < 3e-3, (norm, depth, i, rel(a, b))
 print("kernel ok")
 """
 
@@ -1864,8 +1874,10 @@ def run_interpreted(script, done):
     assert r.returncode == 0 and done in r.stdout, r.stderr[-2000:]
 
 def test_fused_kernel_matches_torch_path_or_falls_back():
-    """With Triton installed, the kernel runs in Triton's CPU interpreter against the torch path
-    (fp16: the interpreter mishandles bf16), forward and all three gradients. Without Triton (CI),
+    """With Triton installed, the kernels run in Triton's CPU interpreter against the torch path
+    (fp16: the interpreter mishandles bf16): the layer kernel, forward and all three gradients; the
+    head, for inference (one kernel) and for training (first layer with the embedding, last with
+    the output), velocity and every gradient. Without Triton (CI),
     enable() routes nothing and the model computes exactly what it did."""
     if importlib.util.find_spec("triton"):
         run_interpreted(KERNEL_CHECK, "kernel ok")
