@@ -340,6 +340,13 @@ if triton is not None:
     # (L/16 4.70 ms, XL/16 9.73); 128 pixels with 8 warps 5.58 / 9.66, with 4 warps 8.29 / 32.9; 2
     # stages slower or out of shared memory. Scales per tile instead of per patch: 4.88 / 11.25.
     _FIELD = dict(BP=64, num_warps=4, num_stages=1)
+    _MAX_ELEMENTS = 2 ** 31
+
+    def _chunks(N, per_patch):
+        """The kernels index from their first patch with 32-bit offsets: slices of patches whose
+        tensors stay under 2^31 elements (one slice below a CFG batch of 128 at 512 px)."""
+        step = max(1, _MAX_ELEMENTS // per_patch)
+        return [slice(i, min(i + step, N)) for i in range(0, N, step)]
 
     def _features(h, e):
         """(N, P, C): a layer's input features; (FIRST, e given) h holds the pixels, C is e's width."""
@@ -371,7 +378,9 @@ if triton is not None:
         norm_out): it ends with the output norm and projection and returns (N, P, CH)."""
         ptrs, consts, kind = _launch_args(h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out)
         out = h.new_empty(_out_shape(h, e, wo))
-        _fwd_kernel[(h.shape[0],)](*ptrs, bo if bo is not None else h, out, eps, eps_out, **consts, **_FWD[kind])
+        for sl in _chunks(h.shape[0], max(w.shape[-1], h[0].numel(), out[0].numel())):
+            _fwd_kernel[(sl.stop - sl.start,)](h[sl], *ptrs[1:3], w[sl], *ptrs[4:], bo if bo is not None else h,
+                                               out[sl], eps, eps_out, **consts, **_FWD[kind])
         return out
 
     @_patch_mlp_op.register_fake
@@ -388,9 +397,12 @@ if triton is not None:
         HID = ws[0].shape[-1] // (2 * C)
         scales = torch.empty(N, len(ws), HID + C, device=pixels.device, dtype=torch.float32)
         pad = 4 - len(ws)  # unused layer slots
-        _field_kernel[(N,)](pixels, e, wx, *[w.contiguous() for w in ws], *ws[:1] * pad, *gains, *gains[:1] * pad,
-                            go, wo, bo, out, scales, eps, eps_out, P=P, C=C, HID=HID, CH=CH, DEPTH=len(ws),
-                            DT=_DT[ws[0].dtype], NORM2=norm_w2, NORM_OUT=norm_out, **_FIELD)
+        ws = [w.contiguous() for w in ws]
+        for sl in _chunks(N, max(ws[0].shape[-1], P * C)):
+            _field_kernel[(sl.stop - sl.start,)](pixels[sl], e, wx, *[w[sl] for w in ws + ws[:1] * pad], *gains,
+                                                 *gains[:1] * pad, go, wo, bo, out[sl], scales[sl], eps, eps_out, P=P,
+                                                 C=C, HID=HID, CH=CH, DEPTH=len(ws), DT=_DT[ws[0].dtype],
+                                                 NORM2=norm_w2, NORM_OUT=norm_out, **_FIELD)
         return out
 
     @_field_op.register_fake
@@ -412,8 +424,10 @@ if triton is not None:
         dg = torch.empty(N, C, device=h.device, dtype=torch.float32)
         dgo, dwo = (torch.empty(N, C, device=h.device), torch.empty(N, CHP, C, device=h.device)) \
             if wo is not None else (dg, dg)
-        _bwd_kernel[(N,)](*ptrs, dout.contiguous(), dh, dw, dg, dgo, dwo, eps, eps_out, **consts, CHP=CHP,
-                          **_BWD[kind])
+        dout = dout.contiguous()
+        for sl in _chunks(N, max(w.shape[-1], P * C)):
+            _bwd_kernel[(sl.stop - sl.start,)](h[sl], *ptrs[1:3], w[sl], *ptrs[4:], dout[sl], dh[sl], dw[sl], dg[sl],
+                                               dgo[sl], dwo[sl], eps, eps_out, **consts, CHP=CHP, **_BWD[kind])
         if wo is None:
             return [dh, dw, dg.sum(0).to(gain.dtype), h.new_empty(0), h.new_empty(0)]
         return [dh, dw, dg.sum(0).to(gain.dtype), dgo.sum(0) if go is None else dgo.sum(0).to(go.dtype),

@@ -1827,41 +1827,45 @@ import torch, nerf_kernel
 from nerf_head import NerfHead, patch_mlp, RMSNorm
 torch.manual_seed(0)
 rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
-for N, P, C, hdt, norm_w2 in [(3, 256, 64, torch.float32, True), (2, 100, 32, torch.float16, False)]:
-    norm = RMSNorm(C)
-    norm.weight.data += 0.1 * torch.randn(C)
-    h = torch.randn(N, P, C).to(hdt).requires_grad_()
-    w = (0.1 * torch.randn(N, 4 * C * C)).half().requires_grad_()
-    ref = patch_mlp(h, w, norm, norm_w2)
-    out = nerf_kernel._patch_mlp_op(h, w, norm.weight, None, None, None, None, None, norm.eps, 0.0, norm_w2, False)
-    assert out.dtype == ref.dtype and rel(out, ref) < (1e-4 if hdt == torch.float32 else 1e-3), rel(out, ref)
-    dout = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, (h, w, norm.weight), dout),
-                    torch.autograd.grad(ref, (h, w, norm.weight), dout)):
-        assert a.dtype == b.dtype and rel(a, b) < 2e-3, rel(a, b)  # the kernel's backward operands are fp16
-# the whole-field inference kernel against NerfHead's torch path, every norm variant, 1 to 4 layers,
-# pixel counts that do and do not fill the tiles
-for norm, depth, ph in (("fc1_fc2_out", 2, 16), ("fc1", 3, 5), ("fc1_fc2", 4, 8), ("fc1_fc2_out", 1, 12)):
-    head = NerfHead(48, 32, depth, 2, 3, "dct", norm)
-    for p in head.parameters():
-        p.data += 0.05 * torch.randn_like(p)
-    for b in head.blocks:
-        b.generator.half()
-    s, pix = torch.randn(5, 48).half(), torch.randn(5, ph * ph, 3)
-    with torch.no_grad():
-        ref = head(s, pix, ph, ph)
-        out = nerf_kernel._fused_head(head, s, pix, ph, ph)
-    assert out.shape == ref.shape and rel(out, ref) < 1e-4, (norm, depth, rel(out, ref))
-    # training: the chain of layer kernels (embedding in the first, output in the last) against the
-    # torch path, velocity and the gradients of s, the pixels and every parameter of the head
-    s, pix = s.float().requires_grad_(), pix.requires_grad_()
-    inputs = [s, pix, *head.parameters()]
-    ref = head(s.half(), pix, ph, ph)
-    out = nerf_kernel._fused_head(head, s.half(), pix, ph, ph)
-    assert out.shape == ref.shape and rel(out, ref) < 1e-4, (norm, depth, rel(out, ref))
-    dv = torch.randn_like(ref)
-    for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, dv), torch.autograd.grad(ref, inputs, dv))):
-        assert a.dtype == b.dtype and rel(a, b) < 3e-3, (norm, depth, i, rel(a, b))
+# every check twice: as launched, and with launches split into slices of patches (the kernels'
+# 32-bit offsets; a limit small enough to give 2-5 slices here)
+for limit in (2 ** 31, 20000):
+    nerf_kernel._MAX_ELEMENTS = limit
+    for N, P, C, hdt, norm_w2 in [(3, 256, 64, torch.float32, True), (2, 100, 32, torch.float16, False)]:
+        norm = RMSNorm(C)
+        norm.weight.data += 0.1 * torch.randn(C)
+        h = torch.randn(N, P, C).to(hdt).requires_grad_()
+        w = (0.1 * torch.randn(N, 4 * C * C)).half().requires_grad_()
+        ref = patch_mlp(h, w, norm, norm_w2)
+        out = nerf_kernel._patch_mlp_op(h, w, norm.weight, None, None, None, None, None, norm.eps, 0.0, norm_w2, False)
+        assert out.dtype == ref.dtype and rel(out, ref) < (1e-4 if hdt == torch.float32 else 1e-3), rel(out, ref)
+        dout = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(out, (h, w, norm.weight), dout),
+                        torch.autograd.grad(ref, (h, w, norm.weight), dout)):
+            assert a.dtype == b.dtype and rel(a, b) < 2e-3, rel(a, b)  # the kernel's backward operands are fp16
+    # the whole-field inference kernel against NerfHead's torch path, every norm variant, 1 to 4 layers,
+    # pixel counts that do and do not fill the tiles
+    for norm, depth, ph in (("fc1_fc2_out", 2, 16), ("fc1", 3, 5), ("fc1_fc2", 4, 8), ("fc1_fc2_out", 1, 12)):
+        head = NerfHead(48, 32, depth, 2, 3, "dct", norm)
+        for p in head.parameters():
+            p.data += 0.05 * torch.randn_like(p)
+        for b in head.blocks:
+            b.generator.half()
+        s, pix = torch.randn(5, 48).half(), torch.randn(5, ph * ph, 3)
+        with torch.no_grad():
+            ref = head(s, pix, ph, ph)
+            out = nerf_kernel._fused_head(head, s, pix, ph, ph)
+        assert out.shape == ref.shape and rel(out, ref) < 1e-4, (norm, depth, rel(out, ref))
+        # training: the chain of layer kernels (embedding in the first, output in the last) against the
+        # torch path, velocity and the gradients of s, the pixels and every parameter of the head
+        s, pix = s.float().requires_grad_(), pix.requires_grad_()
+        inputs = [s, pix, *head.parameters()]
+        ref = head(s.half(), pix, ph, ph)
+        out = nerf_kernel._fused_head(head, s.half(), pix, ph, ph)
+        assert out.shape == ref.shape and rel(out, ref) < 1e-4, (norm, depth, rel(out, ref))
+        dv = torch.randn_like(ref)
+        for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, dv), torch.autograd.grad(ref, inputs, dv))):
+            assert a.dtype == b.dtype and rel(a, b) < 3e-3, (norm, depth, i, rel(a, b))
 print("kernel ok")
 """
 
