@@ -66,8 +66,8 @@ def fused_patch_mlp(h, w, norm, norm_w2=True):
 
 
 def fused_head(head, s, pixels, ph, pw):
-    """NerfHead.forward through the kernels, so no (patches, pixels, width) fp32 tensor but the
-    layers' inputs goes to memory (at L/16 batch 64 each is 1 GiB). Training: one kernel per
+    """NerfHead.forward through the kernels: of the (patches, pixels, width) fp32 tensors (1 GiB
+    each at L/16 batch 64) only the inner layers' inputs go to memory. Training: one kernel per
     layer, the first computing the embedding, the last the output norm and projection, each
     backward recomputing from its layer's input. Inference: the whole field in one kernel (at most
     4 layers), writing only the velocity. None where the kernels do not apply and the head takes
@@ -95,8 +95,8 @@ def _fused_head(head, s, pixels, ph, pw):  # the device check apart, for the int
         return _field_op(pixels, e, wx, ws, [b.norm.weight for b in blocks], go if norm_out else wx, wo, bo,
                          blocks[0].norm.eps, eps_out, blocks[0].norm_w2, norm_out)
     h, last = pixels, len(blocks) - 1
-    for i, (b, w) in enumerate(zip(blocks, ws)):
-        h = _patch_mlp_op(h, w.contiguous(), b.norm.weight, *((e, wx) if i == 0 else (None, None)),
+    for i, (b, wi) in enumerate(zip(blocks, ws)):
+        h = _patch_mlp_op(h, wi.contiguous(), b.norm.weight, *((e, wx) if i == 0 else (None, None)),
                           *((go, wo, bo) if i == last else (None, None, None)), b.norm.eps, eps_out,
                           b.norm_w2, norm_out and i == last)
     return h
