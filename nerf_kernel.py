@@ -160,11 +160,16 @@ if triton is not None:
             tl.store(OUT + (n * P + offs_p) * CH + ch, o, mask=pmask)
 
     @triton.jit
+    def _add_row(acc, i, row, R: tl.constexpr):
+        """acc (R, C) with row (C,) added to its row i: a per-program sum of a small weight gradient."""
+        return acc + tl.where(tl.arange(0, R)[:, None] == i, row[None, :], 0.0)
+
+    @triton.jit
     def _out_bwd(h, GO, WO, DOUT, n, offs_p, pmask, P, eps_out, dgo, dwo, C: tl.constexpr, CH: tl.constexpr,
                  CHP: tl.constexpr, NORM_OUT: tl.constexpr):
         """Backward of _out at the tile h: dL/dh, and the tile's gradient sums added to dgo (C,) (the
         output norm's gain) and dwo (CHP, C) (the projection)."""
-        offs_c, offs_ch = tl.arange(0, C), tl.arange(0, CHP)
+        offs_c = tl.arange(0, C)
         xn = h
         if NORM_OUT:
             r, xhat, g, xn = _rms(h, GO, eps_out, C, tl.float32, tl.float32)
@@ -172,7 +177,7 @@ if triton is not None:
         for ch in tl.static_range(CH):
             d = tl.load(DOUT + (n * P + offs_p) * CH + ch, mask=pmask, other=0.0)  # (BP,)
             dxn += d[:, None] * tl.load(WO + ch * C + offs_c)[None, :]
-            dwo += tl.where(offs_ch[:, None] == ch, tl.sum(d[:, None] * xn, axis=0)[None, :], 0.0)
+            dwo = _add_row(dwo, ch, tl.sum(d[:, None] * xn, axis=0), CHP)
         dh = dxn
         if NORM_OUT:
             dgo += tl.sum(dxn * xhat, axis=0)
@@ -274,12 +279,13 @@ if triton is not None:
             _out(h, GO, WO, BO, OUT, n, offs_p, pmask, P, eps_out, C, CH, NORM_OUT)
 
     @triton.jit
-    def _bwd_kernel(H, E, WX, W, G, GO, WO, DOUT, DH, DW, DG, DGO, DWO, eps, eps_out, P: tl.constexpr,
+    def _bwd_kernel(H, E, WX, W, G, GO, WO, DOUT, DH, DW, DG, DGO, DWO, DWX, eps, eps_out, P: tl.constexpr,
                     C: tl.constexpr, HID: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr, BP: tl.constexpr,
                     HDT: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr, FIRST: tl.constexpr,
                     LAST: tl.constexpr, NORM_OUT: tl.constexpr):
         """Backward of _fwd_kernel for patch n: recomputes the layer (and, LAST, its output) from
-        its input, writes dL/d(input features) to DH and the patch's weight gradient to DW."""
+        its input, writes dL/d(input features) to DH and the patch's weight gradient to DW. FIRST:
+        DH is dL/dh0 of the embedding's output, and DWX gets the patch's part of dL/dWx."""
         n = tl.program_id(0)
         w1, w2, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
         offs_c = tl.arange(0, C)
@@ -288,6 +294,7 @@ if triton is not None:
         dg = tl.zeros((C,), tl.float32)
         dgo = tl.zeros((C,), tl.float32)
         dwo = tl.zeros((CHP, C), tl.float32)
+        dwx = tl.zeros((CHP, C), tl.float32)  # transposed: (pixel channel, width)
         for p0 in range(0, P, BP):
             offs_p, pmask, ptrs = _tile(n, p0, P, C, BP)
             x = _h_in(H, E, WX, n, offs_p, pmask, ptrs, P, C, CH, FIRST)
@@ -308,7 +315,12 @@ if triton is not None:
             dxn = tl.dot(da, tl.trans(w1)).to(DT).to(HDT).to(tl.float32)           # (BP, C)
             dg += tl.sum(dxn * xhat.to(tl.float32), axis=0)
             dx = _rms_bwd(x, r, (dxn * g[None, :]).to(HDT).to(tl.float32), C)
-            tl.store(DH + ptrs, (do + dx).to(HDT), mask=pmask[:, None])
+            dh = do + dx
+            tl.store(DH + ptrs, dh.to(HDT), mask=pmask[:, None])
+            if FIRST:  # h0 = x Wx^T + e: dL/dWx sums dh0 x^T over the pixels (the pixels are in L1)
+                for ch in tl.static_range(CH):
+                    px = tl.load(H + (n * P + offs_p) * CH + ch, mask=pmask, other=0.0)
+                    dwx = _add_row(dwx, ch, tl.sum(dh * px[:, None], axis=0), CHP)
         # Eq. 10 backward: s_j = 1/|w_j| gives dW = M - W s_j^2 sum_i(W_ij M_ij) for the raw weights
         w1f = w1.to(tl.float32)
         dw1 = m1 - w1f * (s1 * s1 * tl.sum(w1f * m1, axis=0))[None, :]
@@ -322,16 +334,20 @@ if triton is not None:
         if LAST:
             tl.store(DGO + n * C + offs_c, dgo)
             tl.store(DWO + n * CHP * C + tl.arange(0, CHP)[:, None] * C + offs_c[None, :], dwo)
+        if FIRST:
+            tl.store(DWX + n * CHP * C + tl.arange(0, CHP)[:, None] * C + offs_c[None, :], dwx)
 
     _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
     # Tile settings per layer kind (the first layer embeds the pixels, the last ends with the output):
     # BP pixels per inner step, picked by timing BP 16-128, 4 or 8 warps, 1-4 stages at L/16 batch-64
     # shapes on an H100, each kernel alone (median of triton's do_bench, 2026-11-26). Backward: plain
     # 4.54 ms, first 4.95, last 6.02 (32-pixel tiles, 4 warps, 2 stages, the previous setting for all:
-    # 4.93 / 5.81 / 8.49); forward 1.07, 1.27, 1.08. The backward holds two (width x hidden) fp32
-    # weight-gradient accumulators: at 4 warps Triton's code uses 255 registers and spills 1.3-1.9 KB
-    # per thread (ptxas); 8 warps spill less but run one program per SM, and a register cap
-    # (maxnreg 128 or 168) was slower everywhere.
+    # 4.93 / 5.81 / 8.49); forward 1.07, 1.27, 1.08. (Since then the first layer's backward also sums
+    # dL/dWx: 5.61 against 4.93 ms, in place of an einsum and a bf16 copy of dL/dh0 after it.) The
+    # backward holds two (width x hidden) fp32 weight-gradient accumulators: Triton 3.6's code uses 255
+    # registers and 188-196 bytes of local memory (spills) per thread at 16 pixels and 4 warps, 68 at
+    # 32 and 8 warps; 8 warps run one program per SM, and a register cap (maxnreg 128 or 168) was
+    # slower everywhere.
     _FWD = {"plain": dict(BP=64, num_warps=4, num_stages=3), "first": dict(BP=64, num_warps=4, num_stages=1),
             "last": dict(BP=64, num_warps=4, num_stages=1)}
     _BWD = {"plain": dict(BP=16, num_warps=4, num_stages=3), "first": dict(BP=16, num_warps=4, num_stages=3),
@@ -368,7 +384,10 @@ if triton is not None:
                       LAST=wo is not None, NORM_OUT=norm_out)
         return ptrs, consts, "last" if wo is not None else "first" if e is not None else "plain"
 
-    @torch.library.custom_op("pixnerd::patch_mlp", mutates_args=())
+    # Inductor's cache of compiled graphs keys on the ops a graph calls, not on their Python code: an
+    # op whose outputs change takes a new name, so that graphs cached by an earlier version (say, in
+    # a git bisect) are not replayed against it. (pixnerd::patch_mlp returned no dWx.)
+    @torch.library.custom_op("pixnerd::field_layer", mutates_args=())
     def _patch_mlp_op(h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor, e: Optional[torch.Tensor],
                       wx: Optional[torch.Tensor], go: Optional[torch.Tensor], wo: Optional[torch.Tensor],
                       bo: Optional[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
@@ -409,14 +428,14 @@ if triton is not None:
     def _(pixels, e, wx, ws, gains, go, wo, bo, eps, eps_out, norm_w2, norm_out):
         return torch.empty_like(pixels)
 
-    @torch.library.custom_op("pixnerd::patch_mlp_backward", mutates_args=())
+    @torch.library.custom_op("pixnerd::field_layer_backward", mutates_args=())
     def _patch_mlp_backward_op(dout: torch.Tensor, h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor,
                                e: Optional[torch.Tensor], wx: Optional[torch.Tensor], go: Optional[torch.Tensor],
                                wo: Optional[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
                                norm_out: bool) -> list[torch.Tensor]:
-        """Gradients of _patch_mlp_op: [dL/d(input features) (N, P, C), dw, dgain, and with wo
-        dgo and dwo (else empty)]. With e, the features are the embedding's output: the caller
-        takes them on to the pixels, e and Wx."""
+        """Gradients of _patch_mlp_op: [dL/d(input features) (N, P, C), dw, dgain, with wo dgo
+        and dwo, with e dWx (else empty)]. With e, the features are the embedding's output h0:
+        the caller takes them on to e (and the pixels, if they need a gradient)."""
         ptrs, consts, kind = _launch_args(h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out)
         N, P, C = _features(h, e)
         CHP = triton.next_power_of_2(consts["CH"])
@@ -424,14 +443,16 @@ if triton is not None:
         dg = torch.empty(N, C, device=h.device, dtype=torch.float32)
         dgo, dwo = (torch.empty(N, C, device=h.device), torch.empty(N, CHP, C, device=h.device)) \
             if wo is not None else (dg, dg)
+        dwx = torch.empty(N, CHP, C, device=h.device) if e is not None else dg  # per patch, transposed
         dout = dout.contiguous()
         for sl in _chunks(N, max(w.shape[-1], P * C)):
             _bwd_kernel[(sl.stop - sl.start,)](h[sl], *ptrs[1:3], w[sl], *ptrs[4:], dout[sl], dh[sl], dw[sl], dg[sl],
-                                               dgo[sl], dwo[sl], eps, eps_out, **consts, CHP=CHP, **_BWD[kind])
-        if wo is None:
-            return [dh, dw, dg.sum(0).to(gain.dtype), h.new_empty(0), h.new_empty(0)]
-        return [dh, dw, dg.sum(0).to(gain.dtype), dgo.sum(0) if go is None else dgo.sum(0).to(go.dtype),
-                dwo.sum(0)[: wo.shape[0]].to(wo.dtype)]
+                                               dgo[sl], dwo[sl], dwx[sl], eps, eps_out, **consts, CHP=CHP,
+                                               **_BWD[kind])
+        return [dh, dw, dg.sum(0).to(gain.dtype),
+                h.new_empty(0) if wo is None else dgo.sum(0) if go is None else dgo.sum(0).to(go.dtype),
+                h.new_empty(0) if wo is None else dwo.sum(0)[: wo.shape[0]].to(wo.dtype),
+                h.new_empty(0) if e is None else dwx.sum(0)[: wx.shape[1]].t().contiguous().to(wx.dtype)]
 
     @_patch_mlp_backward_op.register_fake
     def _(dout, h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out):
@@ -440,7 +461,8 @@ if triton is not None:
             extra = [h.new_empty(0), h.new_empty(0)]
         else:
             extra = [go.new_empty(go.shape) if go is not None else h.new_empty(C), torch.empty_like(wo)]
-        return [h.new_empty(N, P, C), torch.empty_like(w), torch.empty_like(gain), *extra]
+        return [h.new_empty(N, P, C), torch.empty_like(w), torch.empty_like(gain), *extra,
+                h.new_empty(0) if e is None else torch.empty_like(wx)]
 
     def _setup_context(ctx, inputs, output):
         h, w, gain, e, wx, go, wo, bo, ctx.eps, ctx.eps_out, ctx.norm_w2, ctx.norm_out = inputs
@@ -448,12 +470,14 @@ if triton is not None:
 
     def _backward(ctx, dout):
         h, w, gain, e, wx, go, wo = ctx.saved_tensors
-        dh, dw, dg, dgo, dwo = _patch_mlp_backward_op(dout, h, w, gain, e, wx, go, wo, ctx.eps, ctx.eps_out,
-                                                      ctx.norm_w2, ctx.norm_out)
-        de = dwx = None
-        if e is not None:  # dh is dL/dh0 of h0 = x Wx^T + e: on to the pixels x, e and Wx
-            de, dwx = dh.sum(0), torch.einsum("npc,npk->ck", dh, h)
+        dh, dw, dg, dgo, dwo, dwx = _patch_mlp_backward_op(dout, h, w, gain, e, wx, go, wo, ctx.eps,
+                                                           ctx.eps_out, ctx.norm_w2, ctx.norm_out)
+        de = None
+        if e is not None:  # dh is dL/dh0 of h0 = x Wx^T + e (dWx came from the kernel): on to e and x
+            de = dh.sum(0)
             dh = dh @ wx if ctx.needs_input_grad[0] else None
+        else:
+            dwx = None
         last = wo is not None
         return (dh, dw, dg, de, dwx, dgo if last and go is not None else None, dwo if last else None,
                 dout.sum((0, 1)) if last else None, None, None, None, None)
