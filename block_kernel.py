@@ -306,13 +306,16 @@ if triton is not None:
         tl.store(PART + (b * tl.num_programs(0) + i) * D + cols, d_gate, mask=cmask)
 
     @triton.jit
-    def _head_rows(rows, N, H, s_b, s_n, s_h, BH: tl.constexpr, HD: tl.constexpr):
+    def _head_rows(rows, N, H, s_b, s_n, S_H: tl.constexpr, BH: tl.constexpr, HD: tl.constexpr):
         """Offsets of rows (b, n, h) (BR,) of a strided (B, N, H, HD) tensor, tiled (BR, 2 * BH), the
         same in a contiguous one, offsets (BR, BH) of channel pair j in the (N, HD/2) RoPE tables,
-        and the masks of both tiles."""
+        and the masks of both tiles. The head stride S_H (HD, for q and k as views of qkv) is a
+        compile-time constant: Triton then sees that XL/16's 72-channel rows start on 16-byte
+        boundaries and loads 8 channels at a time (a runtime 72, not a multiple of 16, gave it no
+        such hint: 41 loads per tile, 33 of them of one channel, against 13)."""
         k, j = tl.arange(0, 2 * BH), tl.arange(0, BH)
         n = (rows // H) % N
-        src = ((rows // (N * H)) * s_b + n * s_n + (rows % H) * s_h)[:, None] + k[None, :]
+        src = ((rows // (N * H)) * s_b + n * s_n + (rows % H) * S_H)[:, None] + k[None, :]
         return (src, rows[:, None] * HD + k[None, :], n[:, None] * (HD // 2) + j[None, :], (k < HD)[None, :],
                 (j < HD // 2)[None, :])
 
@@ -322,10 +325,11 @@ if triton is not None:
         return tl.split(tl.reshape(x, (BR, BH, 2)))
 
     @triton.jit
-    def _norm_rope_fwd(X, G, COS, SIN, OUT, rows_total, N, H, s_b, s_n, s_h, eps, HD: tl.constexpr, BR: tl.constexpr,
+    def _norm_rope_fwd(X, G, COS, SIN, OUT, rows_total, N, H, s_b, s_n, S_H: tl.constexpr, eps, HD: tl.constexpr,
+                       BR: tl.constexpr,
                        BH: tl.constexpr, XDT: tl.constexpr):
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
-        src, dst, tab, kmask, jmask = _head_rows(rows, N, H, s_b, s_n, s_h, BH, HD)
+        src, dst, tab, kmask, jmask = _head_rows(rows, N, H, s_b, s_n, S_H, BH, HD)
         rmask = (rows < rows_total)[:, None]
         x = tl.load(X + src, mask=rmask & kmask, other=0.0).to(tl.float32)      # (BR, 2 BH)
         r = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
@@ -340,7 +344,8 @@ if triton is not None:
         tl.store(OUT + dst, out.to(XDT), mask=rmask & kmask)
 
     @triton.jit
-    def _norm_rope_bwd(DOUT, X, G, COS, SIN, DX, PART, rows_total, N, H, s_b, s_n, s_h, eps, HD: tl.constexpr,
+    def _norm_rope_bwd(DOUT, X, G, COS, SIN, DX, PART, rows_total, N, H, s_b, s_n, S_H: tl.constexpr, eps,
+                       HD: tl.constexpr,
                        R: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, XDT: tl.constexpr):
         i = tl.program_id(0)
         k = tl.arange(0, 2 * BH)
@@ -348,7 +353,7 @@ if triton is not None:
         d_gain = tl.zeros((2 * BH,), tl.float32)
         for r0 in tl.range(0, R, BR):
             rows = i * R + r0 + tl.arange(0, BR)
-            src, dst, tab, kmask, jmask = _head_rows(rows, N, H, s_b, s_n, s_h, BH, HD)
+            src, dst, tab, kmask, jmask = _head_rows(rows, N, H, s_b, s_n, S_H, BH, HD)
             rmask = (rows < rows_total)[:, None]
             x = tl.load(X + src, mask=rmask & kmask, other=0.0).to(tl.float32)
             r = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
