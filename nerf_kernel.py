@@ -165,6 +165,11 @@ if triton is not None:
         return acc + tl.where(tl.arange(0, R)[:, None] == i, row[None, :], 0.0)
 
     @triton.jit
+    def _store_rows(OUT, n, acc, C: tl.constexpr, R: tl.constexpr):
+        """Program n's sum acc (R, C) to OUT (N, R, C), summed over the programs afterwards."""
+        tl.store(OUT + n * R * C + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :], acc)
+
+    @triton.jit
     def _out_bwd(h, GO, WO, DOUT, n, offs_p, pmask, P, eps_out, dgo, dwo, C: tl.constexpr, CH: tl.constexpr,
                  CHP: tl.constexpr, NORM_OUT: tl.constexpr):
         """Backward of _out at the tile h: dL/dh, and the tile's gradient sums added to dgo (C,) (the
@@ -333,9 +338,9 @@ if triton is not None:
         tl.store(DG + n * C + offs_c, dg)
         if LAST:
             tl.store(DGO + n * C + offs_c, dgo)
-            tl.store(DWO + n * CHP * C + tl.arange(0, CHP)[:, None] * C + offs_c[None, :], dwo)
+            _store_rows(DWO, n, dwo, C, CHP)
         if FIRST:
-            tl.store(DWX + n * CHP * C + tl.arange(0, CHP)[:, None] * C + offs_c[None, :], dwx)
+            _store_rows(DWX, n, dwx, C, CHP)
 
     _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
     # Tile settings per layer kind (the first layer embeds the pixels, the last ends with the output):
