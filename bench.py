@@ -46,6 +46,8 @@ def kernel_kind(name):
         return "Inductor elementwise/reduction"
     if name in ("_fwd_kernel", "_bwd_kernel", "_field_kernel"):
         return "neural-field kernels"
+    if name == "_swiglu_gemm":  # block_kernel's fc1 + SiLU gate (sampling)
+        return "matmul"
     for kind, keys in (("matmul", ("gemm", "nvjet", "cutlass", "cublas", "splitK")),
                        ("attention", ("sdpa", "flash", "fmha", "attention", "cudnn")),
                        ("AdamW + EMA", ("multi_tensor_apply",))):

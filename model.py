@@ -125,6 +125,11 @@ def silu_gate(h):
     return F.silu(gate) * value
 
 
+def swiglu_hidden(x, w1):
+    """SiLU(x W1) * x W3, the hidden layer of SwiGLU, for fc1's weight w1 = [W1; W3] (2F, D)."""
+    return silu_gate(F.linear(x, w1))
+
+
 class SwiGLU(nn.Module):
     """fc2(SiLU(x W1) * x W3), with W1 and W3 fused in one matmul (fc1 = [W1; W3]).
 
@@ -141,14 +146,14 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, bias=False)
         self.pad = -hidden % 8
 
-    act = staticmethod(silu_gate)  # block_kernel.enable() puts a fused kernel on the instance
+    hidden = staticmethod(swiglu_hidden)  # block_kernel.enable() puts fused kernels on the instance
 
     def forward(self, x):
         w1, w2 = self.fc1.weight, self.fc2.weight                      # (2F, D), (D, F)
         if self.pad:
             w1 = F.pad(w1.unflatten(0, (2, -1)), (0, 0, 0, self.pad)).flatten(0, 1)
             w2 = F.pad(w2, (0, self.pad))
-        return F.linear(self.act(F.linear(x, w1)), w2)
+        return F.linear(self.hidden(x, w1), w2)
 
 
 def modulate(x, norm, shift, scale):

@@ -1915,7 +1915,7 @@ def test_fused_hook_and_cpu_fallback():
 
 BLOCK_KERNEL_CHECK = """
 import torch, block_kernel as bk
-from model import modulate, gated_residual, norm_rope, silu_gate, rope_2d
+from model import modulate, gated_residual, norm_rope, silu_gate, swiglu_hidden, rope_2d
 from nerf_head import RMSNorm
 torch.manual_seed(0)
 rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -1957,6 +1957,12 @@ for xdt, sdt, tol in ((torch.float32, torch.float32, 1e-5), (torch.float32, torc
     d = torch.randn_like(ref)
     a, b = grads(out, (h,), d)[0], grads(ref, (h,), d)[0]
     assert rel(a, b) < tol, ('silu bwd', rel(a, b))
+# fc1 + SiLU gate as one GEMM (sampling): tiles that rows, columns and the k steps do not fill, and
+# fewer persistent programs than tiles
+for M, D, F in ((100, 80, 48), (300, 64, 144)):  # the interpreter wants strides of 16 elements
+    x, w1 = torch.randn(M, D).half(), (torch.randn(2 * F, D) / D ** 0.5).half()
+    ref, out = swiglu_hidden(x, w1), bk._swiglu(x, w1, 2)
+    assert out.dtype == ref.dtype and rel(out, ref) < 1e-3, ('swiglu', M, D, F, rel(out, ref))
 print("block kernels ok")
 """
 
@@ -1990,9 +1996,9 @@ def test_block_kernel_hooks_and_cpu_fallback():
     ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
     calls = {}
     hooks = {model_py.Block: ("modulate", "gated_residual"), model_py.Attention: ("norm_rope",),
-             model_py.SwiGLU: ("act",)}
+             model_py.SwiGLU: ("hidden",)}
     fused = {"modulate": block_kernel.fused_modulate, "gated_residual": block_kernel.fused_gated_residual,
-             "norm_rope": block_kernel.fused_norm_rope, "act": block_kernel.fused_silu_gate}
+             "norm_rope": block_kernel.fused_norm_rope, "hidden": block_kernel.fused_swiglu_hidden}
     for m in model.modules():
         for name in hooks.get(type(m), ()):
             def counted(*a, name=name):
@@ -2001,7 +2007,7 @@ def test_block_kernel_hooks_and_cpu_fallback():
             setattr(m, name, counted)
     out = model(x, t, y)
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
-    assert calls == {"modulate": 8, "gated_residual": 8, "norm_rope": 8, "act": 4}, calls  # 4 blocks
+    assert calls == {"modulate": 8, "gated_residual": 8, "norm_rope": 8, "hidden": 4}, calls  # 4 blocks
     assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
     block_kernel.enable(model, False)  # back to the class's torch functions
     assert all(name not in m.__dict__ for m in model.modules() for name in hooks.get(type(m), ()))
@@ -2069,7 +2075,7 @@ def test_flop_count_leaves_out_swiglu_padding():
 def test_bench_kernel_kinds():
     names = {"triton_per_fused__scaled_dot_product_cudnn_attention_add_mean": "Inductor elementwise/reduction",
              "_bwd_kernel": "neural-field kernels", "_field_kernel": "neural-field kernels",
-             "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
+             "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul", "_swiglu_gemm": "matmul",
              "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_128x256_64x3_nt_align8>": "matmul",
              "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
              "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>": "AdamW + EMA",
