@@ -32,7 +32,7 @@ try:  # TMA descriptors (newer Triton): the SwiGLU GEMM below; without them cuBL
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     TensorDescriptor = None
-_TMA = False  # set by enable(): TensorDescriptor and a GPU with TMA (Hopper or newer)
+_TMA = False  # set by enable()
 # Fewer tokens than this (8 images of 256 px) and cuBLAS's fc1 plus the gate kernel are as fast or
 # faster (H100, CUDA graphs, L/16: 1024 rows 23.0 against 28.6 us, 2048 rows 44.9 against 43.5 us).
 _SWIGLU_MIN_ROWS = 2048
@@ -47,7 +47,8 @@ def enable(model, on=True):
     functions). Returns the number of blocks routed (0 without Triton or CUDA)."""
     global _TMA
     on = on and available()
-    _TMA = on and TensorDescriptor is not None and torch.cuda.get_device_capability()[0] >= 9
+    if on:  # the SwiGLU GEMM needs TMA descriptors and a Hopper (or newer) GPU
+        _TMA = TensorDescriptor is not None and torch.cuda.get_device_capability()[0] >= 9
     hooks = {Block: dict(modulate=fused_modulate, gated_residual=fused_gated_residual),
              Attention: dict(norm_rope=fused_norm_rope), SwiGLU: dict(hidden=fused_swiglu_hidden)}
     for m in model.modules():
