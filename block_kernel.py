@@ -438,8 +438,8 @@ if triton is not None:
     # The SwiGLU GEMM's tiles: the fastest of the settings timed (7-9 tile/warp/stage settings each for
     # pointer loads, TMA with one tile per program, persistent, persistent with the loop flattened) for
     # L/16 and XL/16 fc1 at 16384 and 32768 tokens (H200, 2026-11-26): persistent, 128 x 128 tiles of
-    # each half, 64-deep k steps, 8 warps, 3 stages. K and TILES are compile-time constants: Triton's
-    # interpreter (the tests) runs loops over constant bounds only.
+    # each half, 64-deep k steps, 8 warps, 3 stages. K and TILES are compile-time constants: Triton
+    # 3.5's interpreter (the tests) failed on a loop from program_id(0) to a run-time bound.
     _SWIGLU = dict(BM=128, BN=128, BK=64, GROUP=8, num_warps=8, num_stages=3)
 
     @torch.library.custom_op("pixnerd::swiglu_hidden", mutates_args=())
