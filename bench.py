@@ -44,7 +44,7 @@ def kernel_kind(name):
     """What a CUDA kernel (by its profiler name) does, for the profile's summary by kind."""
     if name.startswith("triton_"):
         return "Inductor elementwise/reduction"
-    if name in ("_fwd_kernel", "_bwd_kernel", "_field_kernel"):
+    if name in ("_fwd_kernel", "_out_grad_kernel", "_bwd_kernel", "_field_kernel"):
         return "neural-field kernels"
     if name == "_swiglu_gemm":  # block_kernel's fc1 + SiLU gate (sampling)
         return "matmul"

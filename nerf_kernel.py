@@ -8,6 +8,8 @@ it loads the patch's predicted W1 and W2 once, computes their Eq. 10 scales, run
 through the MLP in on-chip memory and writes only the output. The backward recomputes the hidden
 activations from the layer's input instead of storing them, and sums the patch's weight gradients
 on chip, through the normalisation, so neither pass writes a normalised copy of the weights.
+(The last layer's backward takes two kernels: the first recomputes its output and differentiates
+the output norm and projection, the second is the layer's, as for any other.)
 In the head the first layer also computes the embedding from the pixels, and the last the output
 norm and projection, so the (patches, pixels, width) fp32 tensors in memory are only the inner
 layers' inputs (one at L/16). For inference (no gradients) a second kernel runs the whole head of
@@ -284,40 +286,63 @@ if triton is not None:
             _out(h, GO, WO, BO, OUT, n, offs_p, pmask, P, eps_out, C, CH, NORM_OUT)
 
     @triton.jit
-    def _bwd_kernel(H, E, WX, W, G, GO, WO, DOUT, DH, DW, DG, DGO, DWO, DWX, eps, eps_out, P: tl.constexpr,
-                    C: tl.constexpr, HID: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr, BP: tl.constexpr,
-                    HDT: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr, FIRST: tl.constexpr,
-                    LAST: tl.constexpr, NORM_OUT: tl.constexpr):
-        """Backward of _fwd_kernel for patch n: recomputes the layer (and, LAST, its output) from
-        its input, writes dL/d(input features) to DH and the patch's weight gradient to DW. FIRST:
-        DH is dL/dh0 of the embedding's output, and DWX gets the patch's part of dL/dWx."""
+    def _out_grad_kernel(H, E, WX, W, G, GO, WO, DOUT, DH, DGO, DWO, eps, eps_out, P: tl.constexpr,
+                         C: tl.constexpr, HID: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr, BP: tl.constexpr,
+                         HDT: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr, FIRST: tl.constexpr,
+                         NORM_OUT: tl.constexpr):
+        """The last layer's backward, first step, for patch n: its output, recomputed from its input
+        as _fwd_kernel computes it, through the output norm and projection to dL/d(output), written
+        to DH (fp32) for _bwd_kernel to read and overwrite; and the patch's part of the norm's and
+        projection's weight gradients. A kernel of its own: with no weight-gradient sums to hold,
+        it needs a quarter of _bwd_kernel's registers and runs several programs per SM."""
         n = tl.program_id(0)
         w1, w2, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)
-        offs_c = tl.arange(0, C)
-        m1 = tl.zeros((C, HID), tl.float32)   # dL/dW1 through the matmul, scales included
-        m2 = tl.zeros((HID, C), tl.float32)
-        dg = tl.zeros((C,), tl.float32)
         dgo = tl.zeros((C,), tl.float32)
         dwo = tl.zeros((CHP, C), tl.float32)
+        for p0 in range(0, P, BP):
+            offs_p, pmask, ptrs = _tile(n, p0, P, C, BP)
+            x = _h_in(H, E, WX, n, offs_p, pmask, ptrs, P, C, CH, FIRST)
+            r, xhat, g, xn = _rms(x, G, eps, C, HDT, DT)
+            do, dgo, dwo = _out_bwd(x + _mlp(xn, w1, w2, s1, s2, DT), GO, WO, DOUT, n, offs_p, pmask, P, eps_out,
+                                    dgo, dwo, C, CH, CHP, NORM_OUT)
+            tl.store(DH + ptrs, do, mask=pmask[:, None])
+        tl.store(DGO + n * C + tl.arange(0, C), dgo)
+        _store_rows(DWO, n, dwo, C, CHP)
+
+    @triton.jit
+    def _bwd_kernel(H, E, WX, W, G, DOUT, DH, DW, DG, DWX, eps, P: tl.constexpr, C: tl.constexpr,
+                    HID: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr, BP: tl.constexpr, HDT: tl.constexpr,
+                    DT: tl.constexpr, NORM2: tl.constexpr, FIRST: tl.constexpr):
+        """Backward of _fwd_kernel's layer for patch n, given dL/d(its output) in DOUT (for the last
+        layer, _out_grad_kernel's; DOUT may be DH): recomputes the layer from its input, writes
+        dL/d(input features) to DH and the patch's weight gradient to DW. FIRST: DH is dL/dh0 of the
+        embedding's output, and DWX gets the patch's part of dL/dWx.
+        The per-pixel products run hidden-major, (HID, BP) = W^T x^T, so that every matmul has the
+        weights' 64 or 128 rows, not a tile's pixels: on Hopper they are warpgroup MMAs with the
+        weights in shared memory, and the two (HID, C) fp32 weight-gradient sums are the only large
+        tensors held in registers over the pixel loop."""
+        n = tl.program_id(0)
+        w1, w2, s1, s2, w1_ptrs, w2_ptrs = _weights(W, n, C, HID, NORM2)  # (C, HID), (HID, C)
+        offs_c = tl.arange(0, C)
+        w1t = tl.load(W + tl.trans(w1_ptrs))                                     # (HID, C)
+        m1t = tl.zeros((HID, C), tl.float32)  # dL/dW1^T through the matmul, scales included
+        m2 = tl.zeros((HID, C), tl.float32)
+        dg = tl.zeros((C,), tl.float32)
         dwx = tl.zeros((CHP, C), tl.float32)  # transposed: (pixel channel, width)
         for p0 in range(0, P, BP):
             offs_p, pmask, ptrs = _tile(n, p0, P, C, BP)
             x = _h_in(H, E, WX, n, offs_p, pmask, ptrs, P, C, CH, FIRST)
             r, xhat, g, xn = _rms(x, G, eps, C, HDT, DT)
-            a = tl.dot(xn, w1) * s1[None, :]                                        # recomputed
-            sig = tl.sigmoid(a)
-            sg = (a * sig).to(DT)
-            if LAST:  # the layer's output, recomputed, through the output norm and projection
-                do, dgo, dwo = _out_bwd(x + tl.dot(sg, w2) * s2[None, :], GO, WO, DOUT, n, offs_p, pmask, P,
-                                        eps_out, dgo, dwo, C, CH, CHP, NORM_OUT)
-            else:
-                do = tl.load(DOUT + ptrs, mask=pmask[:, None], other=0.0).to(tl.float32)   # (BP, C)
+            at = tl.dot(w1t, tl.trans(xn)) * s1[:, None]                           # (HID, BP), recomputed
+            sig = tl.sigmoid(at)
+            sgt = (at * sig).to(DT)
+            do = tl.load(DOUT + ptrs, mask=pmask[:, None], other=0.0).to(tl.float32)   # (BP, C)
             do_ = (do * s2[None, :]).to(DT)                                         # through o = (sg W2) s2
-            m2 += tl.dot(tl.trans(sg), do_)                                         # (HID, C)
-            dsg = tl.dot(do_, tl.trans(w2)).to(DT).to(tl.float32)                  # (BP, HID)
-            da = (dsg * sig * (1 + a * (1 - sig)) * s1[None, :]).to(DT)            # SiLU, then a = (xn W1) s1
-            m1 += tl.dot(tl.trans(xn), da)                                          # (C, HID)
-            dxn = tl.dot(da, tl.trans(w1)).to(DT).to(HDT).to(tl.float32)           # (BP, C)
+            m2 += tl.dot(sgt, do_)                                                  # (HID, C)
+            dsgt = tl.dot(w2, tl.trans(do_)).to(DT).to(tl.float32)                 # (HID, BP)
+            dat = (dsgt * sig * (1 + at * (1 - sig)) * s1[:, None]).to(DT)         # SiLU, then a = (xn W1) s1
+            m1t += tl.dot(dat, xn)                                                  # (HID, C)
+            dxn = tl.dot(tl.trans(dat), w1t).to(DT).to(HDT).to(tl.float32)          # (BP, C)
             dg += tl.sum(dxn * xhat.to(tl.float32), axis=0)
             dx = _rms_bwd(x, r, (dxn * g[None, :]).to(HDT).to(tl.float32), C)
             dh = do + dx
@@ -326,37 +351,38 @@ if triton is not None:
                 for ch in tl.static_range(CH):
                     px = tl.load(H + (n * P + offs_p) * CH + ch, mask=pmask, other=0.0)
                     dwx = _add_row(dwx, ch, tl.sum(dh * px[:, None], axis=0), CHP)
-        # Eq. 10 backward: s_j = 1/|w_j| gives dW = M - W s_j^2 sum_i(W_ij M_ij) for the raw weights
-        w1f = w1.to(tl.float32)
-        dw1 = m1 - w1f * (s1 * s1 * tl.sum(w1f * m1, axis=0))[None, :]
+        # Eq. 10 backward: s_j = 1/|w_j| gives dW = M - W s_j^2 sum_i(W_ij M_ij) for the raw weights.
+        # The weights are reloaded (from L1/L2) at offsets made afresh: held over the loop, they
+        # and their (HID, C) offsets would cost registers the loop needs.
+        oh, oc = tl.arange(0, HID)[:, None], tl.arange(0, C)[None, :]
+        base = n * 2 * C * HID
+        w1tf = tl.load(W + base + oh + oc * HID, volatile=True).to(tl.float32)             # (HID, C)
+        tl.store(DW + base + oh + oc * HID, (m1t - w1tf * (s1 * s1 * tl.sum(w1tf * m1t, axis=1))[:, None]).to(DT))
         dw2 = m2
         if NORM2:
-            w2f = w2.to(tl.float32)
+            w2f = tl.load(W + base + C * HID + oh * C + oc, volatile=True).to(tl.float32)  # (HID, C)
             dw2 = m2 - w2f * (s2 * s2 * tl.sum(w2f * m2, axis=0))[None, :]
-        tl.store(DW + w1_ptrs, dw1.to(DT))
-        tl.store(DW + w2_ptrs, dw2.to(DT))
+        tl.store(DW + base + C * HID + oh * C + oc, dw2.to(DT))
         tl.store(DG + n * C + offs_c, dg)
-        if LAST:
-            tl.store(DGO + n * C + offs_c, dgo)
-            _store_rows(DWO, n, dwo, C, CHP)
         if FIRST:
             _store_rows(DWX, n, dwx, C, CHP)
 
     _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-    # Tile settings per layer kind (the first layer embeds the pixels, the last ends with the output):
-    # BP pixels per inner step, picked by timing BP 16-128, 4 or 8 warps, 1-4 stages at L/16 batch-64
-    # shapes on an H100, each kernel alone (median of triton's do_bench, 2026-11-26). Backward: plain
-    # 4.54 ms, first 4.95, last 6.02 (32-pixel tiles, 4 warps, 2 stages, the previous setting for all:
-    # 4.93 / 5.81 / 8.49); forward 1.07, 1.27, 1.08. (Since then the first layer's backward also sums
-    # dL/dWx: 5.61 against 4.93 ms, in place of an einsum and a bf16 copy of dL/dh0 after it.) The
-    # backward holds two (width x hidden) fp32 weight-gradient accumulators: Triton 3.6's code uses 255
-    # registers and 188-196 bytes of local memory (spills) per thread at 16 pixels and 4 warps, 68 at
-    # 32 and 8 warps; 8 warps run one program per SM, and a register cap (maxnreg 128 or 168) was
-    # slower everywhere.
+    # Tile settings, timed at L/16 batch-64 shapes on an H100, each kernel alone (median of triton's
+    # do_bench, 2026-11-26). Forward, per layer kind (the first layer embeds the pixels, the last
+    # ends with the output): 64-pixel tiles and 4 warps, plain 1.14 ms, first 1.26, last 1.70.
+    # Backward, one setting for every kind: 64-pixel tiles, 8 warps, 1 stage: plain 3.67 ms, first
+    # 4.58, last (with _out_grad_kernel, 32 pixels and 4 warps, before it) 5.18. The pixel-major
+    # kernel before this one, whose matmuls had a tile's 16-32 pixels as rows, took 4.55 / 5.65 /
+    # 6.16 at its best settings. 8 warps hold the two (HID, C) fp32 sums in 64 registers a thread;
+    # Triton 3.6 then uses 255 registers and spills 14-20 bytes; 4 warps or 128-pixel tiles spill
+    # hundreds of bytes and ran 1.5-6x slower; 2-3 stages ran the plain layer faster alone (3.34 ms)
+    # and the others slower. With 16-pixel tiles, 4 warps and 2 stages Triton 3.6's code read shared
+    # memory out of bounds (compute-sanitizer); the setting kept was clean for all three kinds.
     _FWD = {"plain": dict(BP=64, num_warps=4, num_stages=3), "first": dict(BP=64, num_warps=4, num_stages=1),
             "last": dict(BP=64, num_warps=4, num_stages=1)}
-    _BWD = {"plain": dict(BP=16, num_warps=4, num_stages=3), "first": dict(BP=16, num_warps=4, num_stages=3),
-            "last": dict(BP=32, num_warps=8, num_stages=3)}
+    _BWD = {kind: dict(BP=64, num_warps=8, num_stages=1) for kind in ("plain", "first", "last")}
+    _OUT_GRAD = dict(BP=32, num_warps=4, num_stages=1)
     # The whole-field kernel at batch 128 on an H100, kernel alone: 64-pixel tiles, 4 warps, 1 stage
     # (L/16 4.70 ms, XL/16 9.73); 128 pixels with 8 warps 5.58 / 9.66, with 4 warps 8.29 / 32.9; 2
     # stages slower or out of shared memory. Scales per tile instead of per patch: 4.88 / 11.25.
@@ -443,20 +469,26 @@ if triton is not None:
         the caller takes them on to e (and the pixels, if they need a gradient)."""
         ptrs, consts, kind = _launch_args(h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out)
         N, P, C = _features(h, e)
-        CHP = triton.next_power_of_2(consts["CH"])
+        consts["CHP"] = triton.next_power_of_2(consts["CH"])
+        last, norm_out = consts.pop("LAST"), consts.pop("NORM_OUT")
         dh, dw = h.new_empty(N, P, C), torch.empty_like(w)
         dg = torch.empty(N, C, device=h.device, dtype=torch.float32)
-        dgo, dwo = (torch.empty(N, C, device=h.device), torch.empty(N, CHP, C, device=h.device)) \
-            if wo is not None else (dg, dg)
-        dwx = torch.empty(N, CHP, C, device=h.device) if e is not None else dg  # per patch, transposed
+        if last:
+            dgo, dwo = torch.empty(N, C, device=h.device), torch.empty(N, consts["CHP"], C, device=h.device)
+        dwx = torch.empty(N, consts["CHP"], C, device=h.device) if e is not None else dg  # per patch, transposed
         dout = dout.contiguous()
         for sl in _chunks(N, max(w.shape[-1], P * C)):
-            _bwd_kernel[(sl.stop - sl.start,)](h[sl], *ptrs[1:3], w[sl], *ptrs[4:], dout[sl], dh[sl], dw[sl], dg[sl],
-                                               dgo[sl], dwo[sl], dwx[sl], eps, eps_out, **consts, CHP=CHP,
-                                               **_BWD[kind])
+            grid, hs, ws, dhs = (sl.stop - sl.start,), h[sl], w[sl], dh[sl]
+            douts = dout[sl]
+            if last:  # dL/d(the layer's output) first, into dh, which the layer's backward reads and overwrites
+                _out_grad_kernel[grid](hs, *ptrs[1:3], ws, *ptrs[4:], douts, dhs, dgo[sl], dwo[sl], eps, eps_out,
+                                       **consts, NORM_OUT=norm_out, **_OUT_GRAD)
+                douts = dhs
+            _bwd_kernel[grid](hs, *ptrs[1:3], ws, ptrs[4], douts, dhs, dw[sl], dg[sl], dwx[sl], eps, **consts,
+                              **_BWD[kind])
         return [dh, dw, dg.sum(0).to(gain.dtype),
-                h.new_empty(0) if wo is None else dgo.sum(0) if go is None else dgo.sum(0).to(go.dtype),
-                h.new_empty(0) if wo is None else dwo.sum(0)[: wo.shape[0]].to(wo.dtype),
+                h.new_empty(0) if not last else dgo.sum(0) if go is None else dgo.sum(0).to(go.dtype),
+                h.new_empty(0) if not last else dwo.sum(0)[: wo.shape[0]].to(wo.dtype),
                 h.new_empty(0) if e is None else dwx.sum(0)[: wx.shape[1]].t().contiguous().to(wx.dtype)]
 
     @_patch_mlp_backward_op.register_fake

@@ -2074,7 +2074,8 @@ def test_flop_count_leaves_out_swiglu_padding():
 
 def test_bench_kernel_kinds():
     names = {"triton_per_fused__scaled_dot_product_cudnn_attention_add_mean": "Inductor elementwise/reduction",
-             "_bwd_kernel": "neural-field kernels", "_field_kernel": "neural-field kernels",
+             "_bwd_kernel": "neural-field kernels", "_out_grad_kernel": "neural-field kernels",
+             "_field_kernel": "neural-field kernels",
              "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul", "_swiglu_gemm": "matmul",
              "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_128x256_64x3_nt_align8>": "matmul",
              "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
