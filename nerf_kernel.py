@@ -310,13 +310,13 @@ if triton is not None:
         _store_rows(DWO, n, dwo, C, CHP)
 
     @triton.jit
-    def _bwd_kernel(H, E, WX, W, G, DOUT, DH, DW, DG, DWX, eps, P: tl.constexpr, C: tl.constexpr,
+    def _bwd_kernel(H, E, WX, W, G, DOUT, DH, DW, DG, eps, P: tl.constexpr, C: tl.constexpr,
                     HID: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr, BP: tl.constexpr, HDT: tl.constexpr,
                     DT: tl.constexpr, NORM2: tl.constexpr, FIRST: tl.constexpr):
         """Backward of _fwd_kernel's layer for patch n, given dL/d(its output) in DOUT (for the last
         layer, _out_grad_kernel's; DOUT may be DH): recomputes the layer from its input, writes
         dL/d(input features) to DH and the patch's weight gradient to DW. FIRST: DH is dL/dh0 of the
-        embedding's output, and DWX gets the patch's part of dL/dWx.
+        embedding's output (_embed_grad_kernel takes it on).
         The per-pixel products run hidden-major, (HID, BP) = W^T x^T, so that every matmul has the
         weights' 64 or 128 rows, not a tile's pixels: on Hopper they are warpgroup MMAs with the
         weights in shared memory, and the two (HID, C) fp32 weight-gradient sums are the only large
@@ -328,7 +328,6 @@ if triton is not None:
         m1t = tl.zeros((HID, C), tl.float32)  # dL/dW1^T through the matmul, scales included
         m2 = tl.zeros((HID, C), tl.float32)
         dg = tl.zeros((C,), tl.float32)
-        dwx = tl.zeros((CHP, C), tl.float32)  # transposed: (pixel channel, width)
         for p0 in range(0, P, BP):
             offs_p, pmask, ptrs = _tile(n, p0, P, C, BP)
             x = _h_in(H, E, WX, n, offs_p, pmask, ptrs, P, C, CH, FIRST)
@@ -347,10 +346,6 @@ if triton is not None:
             dx = _rms_bwd(x, r, (dxn * g[None, :]).to(HDT).to(tl.float32), C)
             dh = do + dx
             tl.store(DH + ptrs, dh.to(HDT), mask=pmask[:, None])
-            if FIRST:  # h0 = x Wx^T + e: dL/dWx sums dh0 x^T over the pixels (the pixels are in L1)
-                for ch in tl.static_range(CH):
-                    px = tl.load(H + (n * P + offs_p) * CH + ch, mask=pmask, other=0.0)
-                    dwx = _add_row(dwx, ch, tl.sum(dh * px[:, None], axis=0), CHP)
         # Eq. 10 backward: s_j = 1/|w_j| gives dW = M - W s_j^2 sum_i(W_ij M_ij) for the raw weights.
         # The weights are reloaded (from L1/L2) at offsets made afresh: held over the loop, they
         # and their (HID, C) offsets would cost registers the loop needs.
@@ -364,8 +359,30 @@ if triton is not None:
             dw2 = m2 - w2f * (s2 * s2 * tl.sum(w2f * m2, axis=0))[None, :]
         tl.store(DW + base + C * HID + oh * C + oc, dw2.to(DT))
         tl.store(DG + n * C + offs_c, dg)
-        if FIRST:
-            _store_rows(DWX, n, dwx, C, CHP)
+
+    @triton.jit
+    def _embed_grad_kernel(DH, PIX, DE, DWX, N, P: tl.constexpr, C: tl.constexpr, CH: tl.constexpr,
+                           CHP: tl.constexpr, BP: tl.constexpr, T: tl.constexpr):
+        """The embedding's gradients from dL/dh0 (N, P, C) of h0 = x Wx^T + e, in one pass over it:
+        dL/de (P, C), the sum over patches, and dL/dWx^T (CHP, C), over patches and pixels of x dh0.
+        Program (i, j) sums pixels i*BP.. of patches j*T.. into DE (S, P, C) and DWX (P / BP, S,
+        CHP, C), S programs along axis 1, added up afterwards."""
+        i, j, S = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        offs_p, offs_c, offs_k = i * BP + tl.arange(0, BP), tl.arange(0, C), tl.arange(0, CHP)
+        pmask = offs_p < P
+        de = tl.zeros((BP, C), tl.float32)
+        dwx = tl.zeros((CHP, BP, C), tl.float32)
+        for t in range(T):
+            n = j * T + t
+            m = pmask & (n < N)
+            dh = tl.load(DH + n.to(tl.int64) * P * C + offs_p[:, None] * C + offs_c[None, :], mask=m[:, None],
+                         other=0.0)                                                 # (BP, C)
+            px = tl.load(PIX + n.to(tl.int64) * P * CH + offs_p[None, :] * CH + offs_k[:, None],
+                         mask=m[None, :] & (offs_k < CH)[:, None], other=0.0)      # (CHP, BP)
+            de += dh
+            dwx += px[:, :, None] * dh[None, :, :]
+        tl.store(DE + (j * P + offs_p[:, None]) * C + offs_c[None, :], de, mask=pmask[:, None])
+        tl.store(DWX + ((i * S + j) * CHP + offs_k[:, None]) * C + offs_c[None, :], tl.sum(dwx, axis=1))
 
     _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
     # Tile settings, timed at L/16 batch-64 shapes on an H100, each kernel alone (median of triton's
@@ -383,6 +400,7 @@ if triton is not None:
             "last": dict(BP=64, num_warps=4, num_stages=1)}
     _BWD = {kind: dict(BP=64, num_warps=8, num_stages=1) for kind in ("plain", "first", "last")}
     _OUT_GRAD = dict(BP=32, num_warps=4, num_stages=1)
+    _EMBED_GRAD = dict(BP=16, T=64, num_warps=4)
     # The whole-field kernel at batch 128 on an H100, kernel alone: 64-pixel tiles, 4 warps, 1 stage
     # (L/16 4.70 ms, XL/16 9.73); 128 pixels with 8 warps 5.58 / 9.66, with 4 warps 8.29 / 32.9; 2
     # stages slower or out of shared memory. Scales per tile instead of per patch: 4.88 / 11.25.
@@ -417,7 +435,8 @@ if triton is not None:
 
     # Inductor's cache of compiled graphs keys on the ops a graph calls, not on their Python code: an
     # op whose outputs change takes a new name, so that graphs cached by an earlier version (say, in
-    # a git bisect) are not replayed against it. (pixnerd::patch_mlp returned no dWx.)
+    # a git bisect) are not replayed against it. (pixnerd::patch_mlp returned no dWx,
+    # pixnerd::field_layer_backward no dL/de.)
     @torch.library.custom_op("pixnerd::field_layer", mutates_args=())
     def _patch_mlp_op(h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor, e: Optional[torch.Tensor],
                       wx: Optional[torch.Tensor], go: Optional[torch.Tensor], wo: Optional[torch.Tensor],
@@ -459,14 +478,14 @@ if triton is not None:
     def _(pixels, e, wx, ws, gains, go, wo, bo, eps, eps_out, norm_w2, norm_out):
         return torch.empty_like(pixels)
 
-    @torch.library.custom_op("pixnerd::field_layer_backward", mutates_args=())
+    @torch.library.custom_op("pixnerd::field_layer_grads", mutates_args=())
     def _patch_mlp_backward_op(dout: torch.Tensor, h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor,
                                e: Optional[torch.Tensor], wx: Optional[torch.Tensor], go: Optional[torch.Tensor],
                                wo: Optional[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
                                norm_out: bool) -> list[torch.Tensor]:
         """Gradients of _patch_mlp_op: [dL/d(input features) (N, P, C), dw, dgain, with wo dgo
-        and dwo, with e dWx (else empty)]. With e, the features are the embedding's output h0:
-        the caller takes them on to e (and the pixels, if they need a gradient)."""
+        and dwo, with e de and dWx (else empty)]. With e, the features are the embedding's output
+        h0: the caller takes them on to the pixels, if they need a gradient."""
         ptrs, consts, kind = _launch_args(h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out)
         N, P, C = _features(h, e)
         consts["CHP"] = triton.next_power_of_2(consts["CH"])
@@ -475,7 +494,6 @@ if triton is not None:
         dg = torch.empty(N, C, device=h.device, dtype=torch.float32)
         if last:
             dgo, dwo = torch.empty(N, C, device=h.device), torch.empty(N, consts["CHP"], C, device=h.device)
-        dwx = torch.empty(N, consts["CHP"], C, device=h.device) if e is not None else dg  # per patch, transposed
         dout = dout.contiguous()
         for sl in _chunks(N, max(w.shape[-1], P * C)):
             grid, hs, ws, dhs = (sl.stop - sl.start,), h[sl], w[sl], dh[sl]
@@ -484,12 +502,17 @@ if triton is not None:
                 _out_grad_kernel[grid](hs, *ptrs[1:3], ws, *ptrs[4:], douts, dhs, dgo[sl], dwo[sl], eps, eps_out,
                                        **consts, NORM_OUT=norm_out, **_OUT_GRAD)
                 douts = dhs
-            _bwd_kernel[grid](hs, *ptrs[1:3], ws, ptrs[4], douts, dhs, dw[sl], dg[sl], dwx[sl], eps, **consts,
-                              **_BWD[kind])
+            _bwd_kernel[grid](hs, *ptrs[1:3], ws, ptrs[4], douts, dhs, dw[sl], dg[sl], eps, **consts, **_BWD[kind])
+        de, dwx = h.new_empty(0), h.new_empty(0)
+        if e is not None:  # dh is dL/dh0 of h0 = x Wx^T + e: on to e and Wx
+            BP, T, CH, CHP = _EMBED_GRAD["BP"], _EMBED_GRAD["T"], consts["CH"], consts["CHP"]
+            S = triton.cdiv(N, T)
+            de, dwx = h.new_empty(S, P, C), h.new_empty(triton.cdiv(P, BP), S, CHP, C)
+            _embed_grad_kernel[(triton.cdiv(P, BP), S)](dh, h, de, dwx, N, P=P, C=C, CH=CH, CHP=CHP, **_EMBED_GRAD)
+            de, dwx = de.sum(0), dwx.sum((0, 1))[:CH].t().contiguous().to(wx.dtype)
         return [dh, dw, dg.sum(0).to(gain.dtype),
                 h.new_empty(0) if not last else dgo.sum(0) if go is None else dgo.sum(0).to(go.dtype),
-                h.new_empty(0) if not last else dwo.sum(0)[: wo.shape[0]].to(wo.dtype),
-                h.new_empty(0) if e is None else dwx.sum(0)[: wx.shape[1]].t().contiguous().to(wx.dtype)]
+                h.new_empty(0) if not last else dwo.sum(0)[: wo.shape[0]].to(wo.dtype), de, dwx]
 
     @_patch_mlp_backward_op.register_fake
     def _(dout, h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out):
@@ -499,7 +522,7 @@ if triton is not None:
         else:
             extra = [go.new_empty(go.shape) if go is not None else h.new_empty(C), torch.empty_like(wo)]
         return [h.new_empty(N, P, C), torch.empty_like(w), torch.empty_like(gain), *extra,
-                h.new_empty(0) if e is None else torch.empty_like(wx)]
+                *([h.new_empty(0)] * 2 if e is None else [h.new_empty(P, C), torch.empty_like(wx)])]
 
     def _setup_context(ctx, inputs, output):
         h, w, gain, e, wx, go, wo, bo, ctx.eps, ctx.eps_out, ctx.norm_w2, ctx.norm_out = inputs
@@ -507,14 +530,12 @@ if triton is not None:
 
     def _backward(ctx, dout):
         h, w, gain, e, wx, go, wo = ctx.saved_tensors
-        dh, dw, dg, dgo, dwo, dwx = _patch_mlp_backward_op(dout, h, w, gain, e, wx, go, wo, ctx.eps,
-                                                           ctx.eps_out, ctx.norm_w2, ctx.norm_out)
-        de = None
-        if e is not None:  # dh is dL/dh0 of h0 = x Wx^T + e (dWx came from the kernel): on to e and x
-            de = dh.sum(0)
+        dh, dw, dg, dgo, dwo, de, dwx = _patch_mlp_backward_op(dout, h, w, gain, e, wx, go, wo, ctx.eps,
+                                                               ctx.eps_out, ctx.norm_w2, ctx.norm_out)
+        if e is not None:  # dh is dL/dh0 of h0 = x Wx^T + e (dL/de and dL/dWx came with it): on to x
             dh = dh @ wx if ctx.needs_input_grad[0] else None
         else:
-            dwx = None
+            de = dwx = None
         last = wo is not None
         return (dh, dw, dg, de, dwx, dgo if last and go is not None else None, dwo if last else None,
                 dout.sum((0, 1)) if last else None, None, None, None, None)
