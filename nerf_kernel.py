@@ -387,18 +387,20 @@ if triton is not None:
     _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
     # Tile settings, timed at L/16 batch-64 shapes on an H100, each kernel alone (median of triton's
     # do_bench, 2026-11-26). Forward, per layer kind (the first layer embeds the pixels, the last
-    # ends with the output): 64-pixel tiles and 4 warps, plain 1.14 ms, first 1.26, last 1.70.
-    # Backward, one setting for every kind: 64-pixel tiles, 8 warps, 1 stage: plain 3.67 ms, first
-    # 4.58, last (with _out_grad_kernel, 32 pixels and 4 warps, before it) 5.18. The pixel-major
-    # kernel before this one, whose matmuls had a tile's 16-32 pixels as rows, took 4.55 / 5.65 /
-    # 6.16 at its best settings. 8 warps hold the two (HID, C) fp32 sums in 64 registers a thread;
-    # Triton 3.6 then uses 255 registers and spills 14-20 bytes; 4 warps or 128-pixel tiles spill
-    # hundreds of bytes and ran 1.5-6x slower; 2-3 stages ran the plain layer faster alone (3.34 ms)
-    # and the others slower. With 16-pixel tiles, 4 warps and 2 stages Triton 3.6's code read shared
-    # memory out of bounds (compute-sanitizer); the setting kept was clean for all three kinds.
+    # ends with the output): 64-pixel tiles and 4 warps, plain 1.14 ms, first 1.26, last 1.0-1.7
+    # (two machines). Backward: 64-pixel tiles and 8 warps; 3 stages for the plain layer, 3.34 ms,
+    # and the last, 1 for the first, 4.58 with 1 stage when it also summed dL/dWx (2-3 stages were
+    # slower there, and under compute-sanitizer its 3-stage code crashed the process); the last's
+    # _out_grad_kernel (32 pixels, 4 warps) and layer together 5.18 with 1 stage. The pixel-major
+    # kernel before, whose matmuls had a tile's 16-32 pixels as rows, took 4.55 / 5.65 / 6.16 at
+    # its best settings. 8 warps hold the two (HID, C) fp32 sums in 64 registers a thread; Triton 3.6
+    # then uses 255 registers and spills 14-20 bytes; 4 warps or 128-pixel tiles spill hundreds of
+    # bytes and ran 1.5-6x slower. With 16-pixel tiles, 4 warps and 2 stages Triton 3.6's code read
+    # shared memory out of bounds (compute-sanitizer); the settings kept were clean for every kernel.
     _FWD = {"plain": dict(BP=64, num_warps=4, num_stages=3), "first": dict(BP=64, num_warps=4, num_stages=1),
             "last": dict(BP=64, num_warps=4, num_stages=1)}
-    _BWD = {kind: dict(BP=64, num_warps=8, num_stages=1) for kind in ("plain", "first", "last")}
+    _BWD = {"plain": dict(BP=64, num_warps=8, num_stages=3), "first": dict(BP=64, num_warps=8, num_stages=1),
+            "last": dict(BP=64, num_warps=8, num_stages=3)}
     _OUT_GRAD = dict(BP=32, num_warps=4, num_stages=1)
     _EMBED_GRAD = dict(BP=16, T=64, num_warps=4)
     # The whole-field kernel at batch 128 on an H100, kernel alone: 64-pixel tiles, 4 warps, 1 stage
@@ -433,11 +435,12 @@ if triton is not None:
                       LAST=wo is not None, NORM_OUT=norm_out)
         return ptrs, consts, "last" if wo is not None else "first" if e is not None else "plain"
 
-    # Inductor's cache of compiled graphs keys on the ops a graph calls, not on their Python code: an
-    # op whose outputs change takes a new name, so that graphs cached by an earlier version (say, in
-    # a git bisect) are not replayed against it. (pixnerd::patch_mlp returned no dWx,
-    # pixnerd::field_layer_backward no dL/de.)
-    @torch.library.custom_op("pixnerd::field_layer", mutates_args=())
+    # Inductor's cache of compiled graphs keys on the ops a graph calls, not on their Python code, and
+    # a training graph's cache entry (backward included) on its forward: when a layer op's outputs or
+    # its backward's change, the forward op takes a new name, so that graphs cached by an earlier
+    # version (say, in a git bisect) are not replayed against it. (pixnerd::patch_mlp's backward
+    # returned no dWx; pixnerd::field_layer's, pixnerd::field_layer_backward, no dL/de.)
+    @torch.library.custom_op("pixnerd::nerf_layer", mutates_args=())
     def _patch_mlp_op(h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor, e: Optional[torch.Tensor],
                       wx: Optional[torch.Tensor], go: Optional[torch.Tensor], wo: Optional[torch.Tensor],
                       bo: Optional[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
@@ -478,7 +481,7 @@ if triton is not None:
     def _(pixels, e, wx, ws, gains, go, wo, bo, eps, eps_out, norm_w2, norm_out):
         return torch.empty_like(pixels)
 
-    @torch.library.custom_op("pixnerd::field_layer_grads", mutates_args=())
+    @torch.library.custom_op("pixnerd::nerf_layer_backward", mutates_args=())
     def _patch_mlp_backward_op(dout: torch.Tensor, h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor,
                                e: Optional[torch.Tensor], wx: Optional[torch.Tensor], go: Optional[torch.Tensor],
                                wo: Optional[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
