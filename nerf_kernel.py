@@ -415,6 +415,16 @@ if triton is not None:
         step = max(1, _MAX_ELEMENTS // per_patch)
         return [slice(i, min(i + step, N)) for i in range(0, N, step)]
 
+    def _embed_grads(dh, pixels):
+        """dL/de (P, C) and dL/dWx (C, CH) of h0 = x Wx^T + e from dL/dh0 (N, P, C) and the pixels x
+        (N, P, CH), fp32: one pass over dL/dh0, partial sums per program added after."""
+        (N, P, C), CH = dh.shape, pixels.shape[-1]
+        BP, T, CHP = _EMBED_GRAD["BP"], _EMBED_GRAD["T"], triton.next_power_of_2(CH)
+        S = triton.cdiv(N, T)
+        de, dwx = dh.new_empty(S, P, C), dh.new_empty(triton.cdiv(P, BP), S, CHP, C)
+        _embed_grad_kernel[(triton.cdiv(P, BP), S)](dh, pixels, de, dwx, N, P=P, C=C, CH=CH, CHP=CHP, **_EMBED_GRAD)
+        return de.sum(0), dwx.sum((0, 1))[:CH].t().contiguous()
+
     def _features(h, e):
         """(N, P, C): a layer's input features; (FIRST, e given) h holds the pixels, C is e's width."""
         return (*h.shape[:2], e.shape[1]) if e is not None else h.shape
@@ -508,11 +518,8 @@ if triton is not None:
             _bwd_kernel[grid](hs, *ptrs[1:3], ws, ptrs[4], douts, dhs, dw[sl], dg[sl], eps, **consts, **_BWD[kind])
         de, dwx = h.new_empty(0), h.new_empty(0)
         if e is not None:  # dh is dL/dh0 of h0 = x Wx^T + e: on to e and Wx
-            BP, T, CH, CHP = _EMBED_GRAD["BP"], _EMBED_GRAD["T"], consts["CH"], consts["CHP"]
-            S = triton.cdiv(N, T)
-            de, dwx = h.new_empty(S, P, C), h.new_empty(triton.cdiv(P, BP), S, CHP, C)
-            _embed_grad_kernel[(triton.cdiv(P, BP), S)](dh, h, de, dwx, N, P=P, C=C, CH=CH, CHP=CHP, **_EMBED_GRAD)
-            de, dwx = de.sum(0), dwx.sum((0, 1))[:CH].t().contiguous().to(wx.dtype)
+            de, dwx = _embed_grads(dh, h)
+            dwx = dwx.to(wx.dtype)
         return [dh, dw, dg.sum(0).to(gain.dtype),
                 h.new_empty(0) if not last else dgo.sum(0) if go is None else dgo.sum(0).to(go.dtype),
                 h.new_empty(0) if not last else dwo.sum(0)[: wo.shape[0]].to(wo.dtype), de, dwx]

@@ -1843,6 +1843,10 @@ for limit in (2 ** 31, 20000):
         for a, b in zip(torch.autograd.grad(out, (h, w, norm.weight), dout),
                         torch.autograd.grad(ref, (h, w, norm.weight), dout)):
             assert a.dtype == b.dtype and rel(a, b) < 2e-3, rel(a, b)  # the kernel's backward operands are fp16
+    # the embedding's gradients over more patches than one program sums, with a partial pixel tile
+    dh0, px = torch.randn(70, 100, 32), torch.randn(70, 100, 3)
+    de, dwx = nerf_kernel._embed_grads(dh0, px)
+    assert rel(de, dh0.sum(0)) < 1e-5 and rel(dwx, torch.einsum("npc,npk->ck", dh0, px)) < 1e-5
     # the whole-field inference kernel against NerfHead's torch path, every norm variant, 1 to 4 layers,
     # pixel counts that do and do not fill the tiles
     for norm, depth, ph in (("fc1_fc2_out", 2, 16), ("fc1", 3, 5), ("fc1_fc2", 4, 8), ("fc1_fc2_out", 1, 12)):
@@ -1880,8 +1884,8 @@ def run_interpreted(script, done):
 def test_fused_kernel_matches_torch_path_or_falls_back():
     """With Triton installed, the kernels run in Triton's CPU interpreter against the torch path
     (fp16: the interpreter mishandles bf16): the layer kernel, forward and all three gradients; the
-    head, for inference (one kernel) and for training (first layer with the embedding, last with
-    the output), velocity and every gradient. Without Triton (CI),
+    embedding's gradient sums; the head, for inference (one kernel) and for training (first layer
+    with the embedding, last with the output), velocity and every gradient. Without Triton (CI),
     enable() routes nothing and the model computes exactly what it did."""
     if importlib.util.find_spec("triton"):
         run_interpreted(KERNEL_CHECK, "kernel ok")
