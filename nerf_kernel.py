@@ -9,7 +9,8 @@ through the MLP in on-chip memory and writes only the output. The backward recom
 activations from the layer's input instead of storing them, and sums the patch's weight gradients
 on chip, through the normalisation, so neither pass writes a normalised copy of the weights.
 (The last layer's backward takes two kernels: the first recomputes its output and differentiates
-the output norm and projection, the second is the layer's, as for any other.)
+the output norm and projection, the second is the layer's, as for any other. The first layer's is
+followed by a small kernel that sums the embedding's gradients over all patches in one pass.)
 In the head the first layer also computes the embedding from the pixels, and the last the output
 norm and projection, so the (patches, pixels, width) fp32 tensors in memory are only the inner
 layers' inputs (one at L/16). For inference (no gradients) a second kernel runs the whole head of
