@@ -21,7 +21,7 @@ A file of its own so that model.py stays torch-only: the scripts call enable(mod
 import torch
 import torch.nn.functional as F
 
-from model import Attention, Block, SwiGLU, gated_residual, modulate, norm_rope, silu_gate
+from model import Attention, Block, SwiGLU, gated_residual, modulate, qk_norm_rope, silu_gate
 
 try:
     import triton
@@ -50,7 +50,7 @@ def enable(model, on=True):
     if on:  # the SwiGLU GEMM needs TMA descriptors and a Hopper (or newer) GPU
         _TMA = TensorDescriptor is not None and torch.cuda.get_device_capability()[0] >= 9
     hooks = {Block: dict(modulate=fused_modulate, gated_residual=fused_gated_residual),
-             Attention: dict(norm_rope=fused_norm_rope), SwiGLU: dict(hidden=fused_swiglu_hidden)}
+             Attention: dict(qk_norm_rope=fused_qk_norm_rope), SwiGLU: dict(hidden=fused_swiglu_hidden)}
     for m in model.modules():
         for name, fn in hooks.get(type(m), {}).items():
             if on:
@@ -88,13 +88,16 @@ def fused_gated_residual(x, gate, y):
     return _GatedResidual.apply(x, gate, y)
 
 
-def fused_norm_rope(x, norm, rope):
-    """model.norm_rope: RMSNorm then 2-D RoPE of q or k, x (B, N, heads, hd) (a strided view of qkv).
-    Compiled too: an L/16 batch-64 training step took 0.1051 s with this kernel inside the compiled
-    blocks against 0.1083 s with Inductor's own fusion (H100, bench.py, 2026-11-26)."""
-    if rope is None or not x.is_cuda or x.stride(-1) != 1:
-        return norm_rope(x, norm, rope)
-    return _NormRope.apply(x, norm.weight, *rope, norm.eps)
+def fused_qk_norm_rope(qkv, q_norm, k_norm, rope):
+    """model.qk_norm_rope: RMSNorm then 2-D RoPE of q and of k, v as it is, qkv (B, N, 3, heads, hd).
+    One kernel for q and k; its backward writes dL/dq, dL/dk and dL/dv into one gradient in qkv's
+    layout, which the qkv Linear's backward reads as it is: with a kernel per tensor, Inductor
+    stacked the three gradients into it, a copy of 0.2 GB per block at L/16 batch 64. Compiled too:
+    an L/16 batch-64 training step took 0.1051 s with the (then per-tensor) kernel inside the
+    compiled blocks against 0.1083 s with Inductor's own fusion (H100, bench.py, 2026-11-26)."""
+    if rope is None or not qkv.is_cuda or not qkv.is_contiguous() or q_norm.eps != k_norm.eps:
+        return qk_norm_rope(qkv, q_norm, k_norm, rope)
+    return _QKNormRope.apply(qkv, q_norm.weight, k_norm.weight, *rope, q_norm.eps)
 
 
 def fused_swiglu_hidden(x, w1):
@@ -179,34 +182,34 @@ class _GatedResidual(torch.autograd.Function):
         return dout.to(ctx.x_dtype), part.sum(1)[:, None].to(gate.dtype), dy
 
 
-class _NormRope(torch.autograd.Function):
+class _QKNormRope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gain, cos, sin, eps):
-        B, N, H, hd = x.shape
-        out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    def forward(ctx, qkv, gain_q, gain_k, cos, sin, eps):
+        B, N, _, H, hd = qkv.shape
+        q, k = (torch.empty((B, N, H, hd), device=qkv.device, dtype=qkv.dtype) for _ in range(2))
         rows = B * N * H
-        BR = max(1, 4096 // triton.next_power_of_2(hd))
-        _norm_rope_fwd[(triton.cdiv(rows, BR),)](
-            x, gain, cos, sin, out, rows, N, H, x.stride(0), x.stride(1), x.stride(2), eps, HD=hd,
-            BR=BR, BH=triton.next_power_of_2(hd) // 2, XDT=_DT[x.dtype])
-        ctx.save_for_backward(x, gain, cos, sin)
+        BR = max(1, 2048 // triton.next_power_of_2(hd))
+        _qk_norm_rope_fwd[(triton.cdiv(rows, BR),)](qkv, gain_q, gain_k, cos, sin, q, k, rows, N, H, eps, HD=hd, BR=BR,
+                                                  BH=triton.next_power_of_2(hd) // 2, XDT=_DT[qkv.dtype])
+        ctx.save_for_backward(qkv, gain_q, gain_k, cos, sin)
         ctx.eps = eps
-        return out
+        return q, k, qkv[:, :, 2]
 
     @staticmethod
-    def backward(ctx, dout):
-        x, gain, cos, sin = ctx.saved_tensors
-        B, N, H, hd = x.shape
+    def backward(ctx, dq, dk, dv):
+        qkv, gain_q, gain_k, cos, sin = ctx.saved_tensors
+        B, N, _, H, hd = qkv.shape
         rows = B * N * H
-        R = 1024  # rows summed per program into the gain's gradient
+        R = 1024  # rows summed per program into the gains' gradients
         nb = triton.cdiv(rows, R)
-        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        part = torch.empty(nb, hd, device=x.device, dtype=torch.float32)
+        dqkv = torch.empty_like(qkv)
+        part = torch.empty(2, nb, hd, device=qkv.device, dtype=torch.float32)
         BH = triton.next_power_of_2(hd) // 2
-        _norm_rope_bwd[(nb,)](dout.contiguous(), x, gain, cos, sin, dx, part, rows, N, H, x.stride(0),
-                              x.stride(1), x.stride(2), ctx.eps, HD=hd, R=R, BR=max(1, min(R, 2048 // BH)), BH=BH,
-                              XDT=_DT[x.dtype])
-        return dx, part.sum(0).to(gain.dtype), None, None, None
+        _qk_norm_rope_bwd[(nb,)](dq.contiguous(), dk.contiguous(), dv.contiguous(), qkv, gain_q, gain_k, cos, sin,
+                                 dqkv, part, rows, N, H, ctx.eps, HD=hd, R=R, BR=max(1, min(R, 1024 // BH)), BH=BH,
+                                 XDT=_DT[qkv.dtype])
+        part = part.sum(1)
+        return dqkv, part[0].to(gain_q.dtype), part[1].to(gain_k.dtype), None, None, None
 
 
 class _SiluGate(torch.autograd.Function):
@@ -327,18 +330,16 @@ if triton is not None:
         tl.store(PART + (b * tl.num_programs(0) + i) * D + cols, d_gate, mask=cmask)
 
     @triton.jit
-    def _head_rows(rows, N, H, s_b, s_n, S_H: tl.constexpr, BH: tl.constexpr, HD: tl.constexpr):
-        """Offsets of rows (b, n, h) (BR,) of a strided (B, N, H, HD) tensor, tiled (BR, 2 * BH), the
-        same in a contiguous one, offsets (BR, BH) of channel pair j in the (N, HD/2) RoPE tables,
-        and the masks of both tiles. The head stride S_H (HD, for q and k as views of qkv) is a
-        compile-time constant: Triton then sees that XL/16's 72-channel rows start on 16-byte
-        boundaries and loads 8 channels at a time (a runtime 72, not a multiple of 16, gave it no
-        such hint: 41 loads per tile, 33 of them of one channel, against 13)."""
+    def _head_rows(rows, N, H, BH: tl.constexpr, HD: tl.constexpr):
+        """For rows (b, n, h) (BR,): their q's offsets in qkv (B, N, 3, H, HD) (k's are H * HD further,
+        v's 2 H * HD) and in a (B, N, H, HD) tensor, each tiled (BR, 2 BH), the offsets (BR, BH) of channel
+        pair j in the (N, HD/2) RoPE tables (n taken from the (B * N * H) row index, so that any N
+        works), and the masks of the tiles' columns. HD is a compile-time constant: Triton then
+        sees that XL/16's 72-channel rows start on 16-byte boundaries and loads 8 channels at a time
+        (with a runtime 72 it did not: 41 loads per tile, 33 of them of one channel, against 13)."""
         k, j = tl.arange(0, 2 * BH), tl.arange(0, BH)
-        n = (rows // H) % N
-        src = ((rows // (N * H)) * s_b + n * s_n + (rows % H) * S_H)[:, None] + k[None, :]
-        return (src, rows[:, None] * HD + k[None, :], n[:, None] * (HD // 2) + j[None, :], (k < HD)[None, :],
-                (j < HD // 2)[None, :])
+        return ((((rows // H) * 3 * H + rows % H) * HD)[:, None] + k[None, :], rows[:, None] * HD + k[None, :],
+                ((rows // H) % N)[:, None] * (HD // 2) + j[None, :], (k < HD)[None, :], (j < HD // 2)[None, :])
 
     @triton.jit
     def _pair_split(x, BR: tl.constexpr, BH: tl.constexpr):
@@ -346,47 +347,73 @@ if triton is not None:
         return tl.split(tl.reshape(x, (BR, BH, 2)))
 
     @triton.jit
-    def _norm_rope_fwd(X, G, COS, SIN, OUT, rows_total, N, H, s_b, s_n, S_H: tl.constexpr, eps, HD: tl.constexpr,
-                       BR: tl.constexpr, BH: tl.constexpr, XDT: tl.constexpr):
-        rows = tl.program_id(0) * BR + tl.arange(0, BR)
-        src, dst, tab, kmask, jmask = _head_rows(rows, N, H, s_b, s_n, S_H, BH, HD)
-        rmask = (rows < rows_total)[:, None]
-        x = tl.load(X + src, mask=rmask & kmask, other=0.0).to(tl.float32)      # (BR, 2 BH)
+    def _norm_rope(x, G, c, s, eps, HD: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, XDT: tl.constexpr):
+        """model.norm_rope of the rows x (BR, 2 BH) fp32, with the RoPE cos and sin (BR, BH)."""
+        k = tl.arange(0, 2 * BH)
         r = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
-        gain = tl.load(G + tl.arange(0, 2 * BH), mask=tl.arange(0, 2 * BH) < HD, other=0.0)
-        y = _round(_round(x * r, XDT) * _round(gain, XDT)[None, :], XDT)        # RMSNorm
-        ye, yo = _pair_split(y, BR, BH)
-        c = _round(tl.load(COS + tab, mask=rmask & jmask, other=0.0), XDT)
-        s = _round(tl.load(SIN + tab, mask=rmask & jmask, other=0.0), XDT)
-        oe = _round(ye * c, XDT) - _round(yo * s, XDT)                          # model.apply_rope
+        gain = tl.load(G + k, mask=k < HD, other=0.0)
+        ye, yo = _pair_split(_round(_round(x * r, XDT) * _round(gain, XDT)[None, :], XDT), BR, BH)  # RMSNorm
+        oe = _round(ye * c, XDT) - _round(yo * s, XDT)                                       # apply_rope
         oo = _round(yo * c, XDT) + _round(ye * s, XDT)
-        out = tl.reshape(tl.join(oe, oo), (BR, 2 * BH))
-        tl.store(OUT + dst, out.to(XDT), mask=rmask & kmask)
+        return tl.reshape(tl.join(oe, oo), (BR, 2 * BH))
 
     @triton.jit
-    def _norm_rope_bwd(DOUT, X, G, COS, SIN, DX, PART, rows_total, N, H, s_b, s_n, S_H: tl.constexpr, eps,
-                       HD: tl.constexpr, R: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, XDT: tl.constexpr):
+    def _norm_rope_bwd(dout, x, gain, c, s, eps, HD: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr,
+                       XDT: tl.constexpr):
+        """Backward of _norm_rope at the rows x given dL/d(out) (both (BR, 2 BH) fp32), the gain (1, 2 BH)
+        rounded as the forward rounds it: dL/dx and the rows' products for the gain's gradient."""
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
+        de, do = _pair_split(dout, BR, BH)
+        dy = tl.reshape(tl.join(de * c + do * s, do * c - de * s), (BR, 2 * BH))       # rotation transposed
+        dxhat = dy * gain                                                                # RMSNorm backward
+        return r * (dxhat - x * r * (tl.sum(dxhat * x, axis=1)[:, None] * r / HD)), dy * _round(x * r, XDT)
+
+    @triton.jit
+    def _qk_norm_rope_fwd(QKV, GQ, GK, COS, SIN, Q, K, rows_total, N, H, eps, HD: tl.constexpr, BR: tl.constexpr,
+                          BH: tl.constexpr, XDT: tl.constexpr):
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        src, dst, tab, kmask, jmask = _head_rows(rows, N, H, BH, HD)
+        rmask = (rows < rows_total)[:, None]
+        c = _round(tl.load(COS + tab, mask=rmask & jmask, other=0.0), XDT)
+        s = _round(tl.load(SIN + tab, mask=rmask & jmask, other=0.0), XDT)
+        q = tl.load(QKV + src, mask=rmask & kmask, other=0.0).to(tl.float32)                # (BR, 2 BH)
+        tl.store(Q + dst, _norm_rope(q, GQ, c, s, eps, HD, BR, BH, XDT).to(XDT), mask=rmask & kmask)
+        k = tl.load(QKV + H * HD + src, mask=rmask & kmask, other=0.0).to(tl.float32)
+        tl.store(K + dst, _norm_rope(k, GK, c, s, eps, HD, BR, BH, XDT).to(XDT), mask=rmask & kmask)
+
+    @triton.jit
+    def _qk_norm_rope_bwd(DQ, DK, DV, QKV, GQ, GK, COS, SIN, DQKV, PART, rows_total, N, H, eps, HD: tl.constexpr,
+                          R: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, XDT: tl.constexpr):
+        """dL/dqkv in qkv's layout: q's and k's through _norm_rope's backward, v's copied; the gains'
+        gradients summed over R rows per program into PART (2, programs, HD)."""
         i = tl.program_id(0)
         k = tl.arange(0, 2 * BH)
-        gain = _round(tl.load(G + k, mask=k < HD, other=0.0), XDT)[None, :]
-        # the gain's gradient, summed over the tile's rows after the loop: a sum across warps on every
-        # tile made the backward 12% (L/16) to 17% (XL/16) slower inside a training step
-        d_gain = tl.zeros((BR, 2 * BH), tl.float32)
+        gq = _round(tl.load(GQ + k, mask=k < HD, other=0.0), XDT)[None, :]
+        gk = _round(tl.load(GK + k, mask=k < HD, other=0.0), XDT)[None, :]
+        # the gains' gradients, summed over the tile's rows after the loop: a sum across warps on
+        # every tile made the backward 12% (L/16) to 17% (XL/16) slower inside a training step
+        dgq = tl.zeros((BR, 2 * BH), tl.float32)
+        dgk = tl.zeros((BR, 2 * BH), tl.float32)
         for r0 in tl.range(0, R, BR):
             rows = i * R + r0 + tl.arange(0, BR)
-            src, dst, tab, kmask, jmask = _head_rows(rows, N, H, s_b, s_n, S_H, BH, HD)
+            src, dst, tab, kmask, jmask = _head_rows(rows, N, H, BH, HD)
             rmask = (rows < rows_total)[:, None]
-            x = tl.load(X + src, mask=rmask & kmask, other=0.0).to(tl.float32)
-            r = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
+            mask = rmask & kmask
             c = _round(tl.load(COS + tab, mask=rmask & jmask, other=0.0), XDT)
             s = _round(tl.load(SIN + tab, mask=rmask & jmask, other=0.0), XDT)
-            de, do = _pair_split(tl.load(DOUT + dst, mask=rmask & kmask, other=0.0).to(tl.float32), BR, BH)
-            dy = tl.reshape(tl.join(de * c + do * s, do * c - de * s), (BR, 2 * BH))  # rotation transposed
-            d_gain += dy * _round(x * r, XDT)
-            dxhat = dy * gain                                                     # RMSNorm backward
-            dx = r * (dxhat - x * r * (tl.sum(dxhat * x, axis=1)[:, None] * r / HD))
-            tl.store(DX + dst, dx.to(XDT), mask=rmask & kmask)
-        tl.store(PART + i * HD + k, tl.sum(d_gain, axis=0), mask=k < HD)
+            x = tl.load(QKV + src, mask=mask, other=0.0).to(tl.float32)                     # q
+            dx, p = _norm_rope_bwd(tl.load(DQ + dst, mask=mask, other=0.0).to(tl.float32), x, gq, c, s, eps, HD,
+                                   BR, BH, XDT)
+            tl.store(DQKV + src, dx.to(XDT), mask=mask)
+            dgq += p
+            x = tl.load(QKV + H * HD + src, mask=mask, other=0.0).to(tl.float32)            # k
+            dx, p = _norm_rope_bwd(tl.load(DK + dst, mask=mask, other=0.0).to(tl.float32), x, gk, c, s, eps, HD,
+                                   BR, BH, XDT)
+            tl.store(DQKV + H * HD + src, dx.to(XDT), mask=mask)
+            dgk += p
+            tl.store(DQKV + 2 * H * HD + src, tl.load(DV + dst, mask=mask), mask=mask)      # v
+        tl.store(PART + i * HD + k, tl.sum(dgq, axis=0), mask=k < HD)
+        tl.store(PART + (tl.num_programs(0) + i) * HD + k, tl.sum(dgk, axis=0), mask=k < HD)
 
     @triton.jit
     def _silu_gate_fwd(Hin, OUT, n, F, BLOCK: tl.constexpr, DT: tl.constexpr):

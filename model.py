@@ -89,6 +89,14 @@ def norm_rope(x, norm, rope):
     return x if rope is None else apply_rope(x, *rope)
 
 
+def qk_norm_rope(qkv, q_norm, k_norm, rope):
+    """q, k, v from the qkv projection's output (B, N, 3, heads, hd): q and k through norm_rope,
+    each with its own norm, v as it is. One function for the three so that block_kernel's version
+    can write all three gradients into one tensor of qkv's layout."""
+    q, k, v = qkv.unbind(2)
+    return norm_rope(q, q_norm, rope), norm_rope(k, k_norm, rope), v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with q/k RMSNorm and 2-D RoPE, through SDPA (flash attention
     on CUDA). With text_dim set it is the official t2i "one-way joint" attention: image queries
@@ -103,15 +111,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim)  # shared by image and text keys, as official
         self.proj = nn.Linear(dim, dim)
 
-    norm_rope = staticmethod(norm_rope)  # block_kernel.enable() puts a fused kernel on the instance
+    qk_norm_rope = staticmethod(qk_norm_rope)  # block_kernel.enable() puts a fused kernel on the instance
 
     def forward(self, x, rope=None, text=None, mask=None):
         B, N, D = x.shape
         # q, k, v stay in the (B, N, heads, hd) layout the projections produce and consume; SDPA
         # reads them through transposed views. Permuting to (B, heads, N, hd) first made the
         # fused norm/RoPE kernels and their backward copies 10% of an L/16 training step.
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k = self.norm_rope(q, self.q_norm, rope), self.norm_rope(k, self.k_norm, rope)
+        q, k, v = self.qk_norm_rope(self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim), self.q_norm,
+                                    self.k_norm, rope)
         if text is not None:  # text tokens: keys and values only, no RoPE
             kt, vt = self.kv_text(text).view(B, -1, 2, self.num_heads, self.head_dim).unbind(2)
             k, v = torch.cat([k, self.k_norm(kt)], dim=1), torch.cat([v, vt], dim=1)

@@ -1919,7 +1919,7 @@ def test_fused_hook_and_cpu_fallback():
 
 BLOCK_KERNEL_CHECK = """
 import torch, block_kernel as bk
-from model import modulate, gated_residual, norm_rope, silu_gate, swiglu_hidden, rope_2d
+from model import modulate, gated_residual, qk_norm_rope, silu_gate, swiglu_hidden, rope_2d
 from nerf_head import RMSNorm
 torch.manual_seed(0)
 rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -1943,17 +1943,18 @@ for xdt, sdt, tol in ((torch.float32, torch.float32, 1e-5), (torch.float32, torc
         d = torch.randn_like(ref)
         for a, b in zip(grads(out, (x, ada, y), d), grads(ref, (x, ada, y), d)):
             assert a.dtype == b.dtype and rel(a, b) < tol, ('gate bwd', xdt, sdt, rel(a, b))
-    for B, N, H, hd in ((2, 12, 3, 16), (1, 9, 2, 24)):
-        ht, wt = (3, 4) if N == 12 else (3, 3)
+    for B, (ht, wt), H, hd in ((2, (3, 4), 3, 16), (1, (3, 3), 2, 24), (4, (5, 6), 10, 16)):  # 1200 rows: 2 programs
         rope = rope_2d(ht, wt, hd)
-        norm = RMSNorm(hd); norm.weight.data += 0.1 * torch.randn(hd)
-        qkv = torch.randn(B, N, 3, H, hd, dtype=sdt, requires_grad=True)
-        q = qkv.unbind(2)[1]
-        ref = norm_rope(q, norm, rope)
-        out = bk._NormRope.apply(q, norm.weight, *rope, norm.eps)
-        assert out.dtype == ref.dtype and rel(out, ref) < tol / 10, ('rope fwd', sdt, rel(out, ref))
-        d = torch.randn_like(ref)
-        for a, b in zip(grads(out, (qkv, norm.weight), d), grads(ref, (qkv, norm.weight), d)):
+        q_norm, k_norm = RMSNorm(hd), RMSNorm(hd)
+        q_norm.weight.data += 0.1 * torch.randn(hd); k_norm.weight.data -= 0.1 * torch.randn(hd)
+        qkv = torch.randn(B, ht * wt, 3, H, hd, dtype=sdt, requires_grad=True)
+        ref = qk_norm_rope(qkv, q_norm, k_norm, rope)
+        out = bk._QKNormRope.apply(qkv, q_norm.weight, k_norm.weight, *rope, q_norm.eps)
+        for a, b in zip(out, ref):
+            assert a.dtype == b.dtype and rel(a, b) < tol / 10, ('rope fwd', sdt, rel(a, b))
+        d = [torch.randn_like(r) for r in ref]
+        for a, b in zip(grads(out, (qkv, q_norm.weight, k_norm.weight), d),
+                        grads(ref, (qkv, q_norm.weight, k_norm.weight), d)):
             assert a.dtype == b.dtype and rel(a, b) < tol, ('rope bwd', sdt, rel(a, b))
     h = torch.randn(2, 5, 2 * 37, dtype=sdt, requires_grad=True)
     ref, out = silu_gate(h), bk._SiluGate.apply(h)
@@ -1999,10 +2000,10 @@ def test_block_kernel_hooks_and_cpu_fallback():
     ref = model(x, t, y)
     ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
     calls = {}
-    hooks = {model_py.Block: ("modulate", "gated_residual"), model_py.Attention: ("norm_rope",),
+    hooks = {model_py.Block: ("modulate", "gated_residual"), model_py.Attention: ("qk_norm_rope",),
              model_py.SwiGLU: ("hidden",)}
     fused = {"modulate": block_kernel.fused_modulate, "gated_residual": block_kernel.fused_gated_residual,
-             "norm_rope": block_kernel.fused_norm_rope, "hidden": block_kernel.fused_swiglu_hidden}
+             "qk_norm_rope": block_kernel.fused_qk_norm_rope, "hidden": block_kernel.fused_swiglu_hidden}
     for m in model.modules():
         for name in hooks.get(type(m), ()):
             def counted(*a, name=name):
@@ -2011,7 +2012,7 @@ def test_block_kernel_hooks_and_cpu_fallback():
             setattr(m, name, counted)
     out = model(x, t, y)
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
-    assert calls == {"modulate": 8, "gated_residual": 8, "norm_rope": 8, "hidden": 4}, calls  # 4 blocks
+    assert calls == {"modulate": 8, "gated_residual": 8, "qk_norm_rope": 4, "hidden": 4}, calls  # 4 blocks
     assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
     block_kernel.enable(model, False)  # back to the class's torch functions
     assert all(name not in m.__dict__ for m in model.modules() for name in hooks.get(type(m), ()))
