@@ -200,17 +200,19 @@ class _QKNormRope(torch.autograd.Function):
         qkv, gain_q, gain_k, cos, sin = ctx.saved_tensors
         B, N, _, H, hd = qkv.shape
         rows = B * N * H
-        R = 1024  # rows summed per program into the gains' gradients
-        # 8 warps: 2.71 against 3.01 ms a step at L/16 batch 64 and 5.50 against 6.48 at XL/16 (all
-        # 22 / 26 calls, H100, profiled training steps, 2026-11-26); 256 or 512 rows per program and
-        # twice the rows per tile were no faster
+        # R rows summed per program into the gains' gradients. Timed in profiled H100 training steps at
+        # batch 64 (all 22 / 26 calls, 2026-11-26): heads that fill their tiles (L/16's 64 channels) run
+        # fastest as one 32-row tile per program at 4 warps, 2.49 against 2.72 ms a step; XL/16's 72
+        # channels in 128-column tiles want 1024 rows at 8 warps, 5.50 against 6.48 at 4 warps and 8.37
+        # as L/16's. 256 or 512 rows per program and twice the rows per tile were no faster.
+        BH = triton.next_power_of_2(hd) // 2
+        R, warps = (32, 4) if hd == 2 * BH else (1024, 8)
         nb = triton.cdiv(rows, R)
         dqkv = torch.empty_like(qkv)
         part = torch.empty(2, nb, hd, device=qkv.device, dtype=torch.float32)
-        BH = triton.next_power_of_2(hd) // 2
         _qk_norm_rope_bwd[(nb,)](dq.contiguous(), dk.contiguous(), dv.contiguous(), qkv, gain_q, gain_k, cos, sin,
                                  dqkv, part, rows, N, H, ctx.eps, HD=hd, R=R, BR=max(1, min(R, 1024 // BH)), BH=BH,
-                                 XDT=_DT[qkv.dtype], num_warps=8)
+                                 XDT=_DT[qkv.dtype], num_warps=warps)
         part = part.sum(1)
         return dqkv, part[0].to(gain_q.dtype), part[1].to(gain_k.dtype), None, None, None
 

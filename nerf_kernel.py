@@ -533,7 +533,7 @@ if triton is not None:
         else:
             extra = [go.new_empty(go.shape) if go is not None else h.new_empty(C), torch.empty_like(wo)]
         return [h.new_empty(N, P, C), torch.empty_like(w), torch.empty_like(gain), *extra,
-                *([h.new_empty(0)] * 2 if e is None else [h.new_empty(P, C), torch.empty_like(wx)])]
+                *([h.new_empty(0), h.new_empty(0)] if e is None else [h.new_empty(P, C), torch.empty_like(wx)])]
 
     def _setup_context(ctx, inputs, output):
         h, w, gain, e, wx, go, wo, bo, ctx.eps, ctx.eps_out, ctx.norm_w2, ctx.norm_out = inputs

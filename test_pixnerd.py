@@ -1847,6 +1847,17 @@ for limit in (2 ** 31, 20000):
     dh0, px = torch.randn(70, 100, 32), torch.randn(70, 100, 3)
     de, dwx = nerf_kernel._embed_grads(dh0, px)
     assert rel(de, dh0.sum(0)) < 1e-5 and rel(dwx, torch.einsum("npc,npk->ck", dh0, px)) < 1e-5
+# the layer ops' fake (meta) versions, which torch.compile traces, against their real outputs' shapes,
+# strides and aliasing: inner, first and last layer
+N, P, C, CH = 5, 100, 32, 3
+h, pix, w = torch.randn(N, P, C), torch.randn(N, P, CH), (0.1 * torch.randn(N, 4 * C * C)).half()
+g, e, wx, go, wo, bo = torch.ones(C), torch.randn(P, C), torch.randn(C, CH), torch.ones(C), torch.randn(CH, C), torch.zeros(CH)
+for x, args, bias, last in ((h, (w, g, None, None, None, None), None, False), (pix, (w, g, e, wx, None, None), None, False),
+                            (h, (w, g, None, None, go, wo), bo, True)):
+    out = nerf_kernel._patch_mlp_op(x, *args, bias, 1e-6, 1e-6, True, last)
+    for op, op_args in ((nerf_kernel._patch_mlp_op, (x, *args, bias, 1e-6, 1e-6, True, last)),
+                        (nerf_kernel._patch_mlp_backward_op, (torch.randn_like(out), x, *args, 1e-6, 1e-6, True, last))):
+        torch.library.opcheck(op, op_args, test_utils=("test_schema", "test_faketensor"))
     # the whole-field inference kernel against NerfHead's torch path, every norm variant, 1 to 4 layers,
     # pixel counts that do and do not fill the tiles
     for norm, depth, ph in (("fc1_fc2_out", 2, 16), ("fc1", 3, 5), ("fc1_fc2", 4, 8), ("fc1_fc2_out", 1, 12)):
@@ -1870,6 +1881,12 @@ for limit in (2 ** 31, 20000):
         dv = torch.randn_like(ref)
         for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, dv), torch.autograd.grad(ref, inputs, dv))):
             assert a.dtype == b.dtype and rel(a, b) < 3e-3, (norm, depth, i, rel(a, b))
+        # pixels without a gradient, as in training
+        pix = pix.detach()
+        out, ref = nerf_kernel._fused_head(head, s.half(), pix, ph, ph), head(s.half(), pix, ph, ph)
+        inputs = [s, *head.parameters()]
+        for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, dv), torch.autograd.grad(ref, inputs, dv))):
+            assert a.dtype == b.dtype and rel(a, b) < 3e-3, (norm, depth, i, rel(a, b))
 print("kernel ok")
 """
 
@@ -1884,8 +1901,9 @@ def run_interpreted(script, done):
 def test_fused_kernel_matches_torch_path_or_falls_back():
     """With Triton installed, the kernels run in Triton's CPU interpreter against the torch path
     (fp16: the interpreter mishandles bf16): the layer kernel, forward and all three gradients; the
-    embedding's gradient sums; the head, for inference (one kernel) and for training (first layer
-    with the embedding, last with the output), velocity and every gradient. Without Triton (CI),
+    embedding's gradient sums; the layer ops' fake versions (torch.library.opcheck); the head, for
+    inference (one kernel) and for training (first layer with the embedding, last with the output),
+    velocity and every gradient, with and without the pixels' gradient. Without Triton (CI),
     enable() routes nothing and the model computes exactly what it did."""
     if importlib.util.find_spec("triton"):
         run_interpreted(KERNEL_CHECK, "kernel ok")
