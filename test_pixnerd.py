@@ -1827,6 +1827,17 @@ import torch, nerf_kernel
 from nerf_head import NerfHead, patch_mlp, RMSNorm
 torch.manual_seed(0)
 rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+# the layer ops' fake (meta) versions, which torch.compile traces, against their real outputs' shapes,
+# strides and aliasing: inner, first and last layer
+N, P, C, CH = 5, 100, 32, 3
+h, pix, w = torch.randn(N, P, C), torch.randn(N, P, CH), (0.1 * torch.randn(N, 4 * C * C)).half()
+g, e, wx, go, wo, bo = torch.ones(C), torch.randn(P, C), torch.randn(C, CH), torch.ones(C), torch.randn(CH, C), torch.zeros(CH)
+for x, args, bias, last in ((h, (w, g, None, None, None, None), None, False), (pix, (w, g, e, wx, None, None), None, False),
+                            (h, (w, g, None, None, go, wo), bo, True)):
+    out = nerf_kernel._patch_mlp_op(x, *args, bias, 1e-6, 1e-6, True, last)
+    for op, op_args in ((nerf_kernel._patch_mlp_op, (x, *args, bias, 1e-6, 1e-6, True, last)),
+                        (nerf_kernel._patch_mlp_backward_op, (torch.randn_like(out), x, *args, 1e-6, 1e-6, True, last))):
+        torch.library.opcheck(op, op_args, test_utils=("test_schema", "test_faketensor"))
 # every check twice: as launched, and with launches split into slices of patches (the kernels'
 # 32-bit offsets; a limit small enough to give 2-5 slices here)
 for limit in (2 ** 31, 20000):
@@ -1847,17 +1858,6 @@ for limit in (2 ** 31, 20000):
     dh0, px = torch.randn(70, 100, 32), torch.randn(70, 100, 3)
     de, dwx = nerf_kernel._embed_grads(dh0, px)
     assert rel(de, dh0.sum(0)) < 1e-5 and rel(dwx, torch.einsum("npc,npk->ck", dh0, px)) < 1e-5
-# the layer ops' fake (meta) versions, which torch.compile traces, against their real outputs' shapes,
-# strides and aliasing: inner, first and last layer
-N, P, C, CH = 5, 100, 32, 3
-h, pix, w = torch.randn(N, P, C), torch.randn(N, P, CH), (0.1 * torch.randn(N, 4 * C * C)).half()
-g, e, wx, go, wo, bo = torch.ones(C), torch.randn(P, C), torch.randn(C, CH), torch.ones(C), torch.randn(CH, C), torch.zeros(CH)
-for x, args, bias, last in ((h, (w, g, None, None, None, None), None, False), (pix, (w, g, e, wx, None, None), None, False),
-                            (h, (w, g, None, None, go, wo), bo, True)):
-    out = nerf_kernel._patch_mlp_op(x, *args, bias, 1e-6, 1e-6, True, last)
-    for op, op_args in ((nerf_kernel._patch_mlp_op, (x, *args, bias, 1e-6, 1e-6, True, last)),
-                        (nerf_kernel._patch_mlp_backward_op, (torch.randn_like(out), x, *args, 1e-6, 1e-6, True, last))):
-        torch.library.opcheck(op, op_args, test_utils=("test_schema", "test_faketensor"))
     # the whole-field inference kernel against NerfHead's torch path, every norm variant, 1 to 4 layers,
     # pixel counts that do and do not fill the tiles
     for norm, depth, ph in (("fc1_fc2_out", 2, 16), ("fc1", 3, 5), ("fc1_fc2", 4, 8), ("fc1_fc2_out", 1, 12)):
