@@ -7,12 +7,14 @@
     python bench.py --model L/16 --batch-size 64 --profile 30              # where the step's time goes
     python bench.py --model S/16 --image-size 32 --batch-size 2 --iters 2 --warmup 1   # CPU smoke
 
-A training step is the one train.py runs: flow-matching loss (REPA off), backward, fused AdamW,
-fp32 EMA. MFU = 3 x forward FLOPs x img/s / 686 TFLOP/s (the bf16 matmul rate measured on an
-H100); FLOPs are counted by torch's FlopCounterMode, not estimated.
+A training step is the one train.py runs: flow-matching loss (REPA off), backward, AdamW and the
+fp32 EMA (optim_kernel.step: one kernel with --kernel on, torch's fused AdamW with off). MFU = 3 x
+forward FLOPs x img/s / 686 TFLOP/s (the bf16 matmul rate measured on an H100); FLOPs are counted
+by torch's FlopCounterMode, not estimated.
 """
 import argparse
 import copy
+import gc
 import itertools
 import time
 
@@ -20,10 +22,11 @@ import torch
 
 import block_kernel
 import nerf_kernel
+import optim_kernel
 from model import MODELS
 from sample import CUDAGraphs, bf16_linears
 from samplers import guided, sample
-from train import PEAK_FLOPS, Objective, count_flops, update_ema
+from train import PEAK_FLOPS, Objective, count_flops
 
 
 def prepared(model, how, kernel):
@@ -50,7 +53,7 @@ def kernel_kind(name):
         return "matmul"
     for kind, keys in (("matmul", ("gemm", "nvjet", "cutlass", "cublas", "splitK")),
                        ("attention", ("sdpa", "flash", "fmha", "attention", "cudnn")),
-                       ("AdamW + EMA", ("multi_tensor_apply",))):
+                       ("AdamW + EMA", ("multi_tensor_apply", "_adamw_ema_kernel"))):
         if any(k in name for k in keys):
             return kind
     return "other"
@@ -110,9 +113,8 @@ def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
         with autocast:
             loss = objective(x, y, null=1000)["loss"]
         loss.backward()
-        opt.step()
+        optim_kernel.step(opt, ema, model, 0.9999, kernel=None if kernel == "on" else False)
         opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, 0.9999)
 
     t_compile = time.perf_counter()
     step()
@@ -144,6 +146,23 @@ def bench_sample(name, head, batch, size, how, kernel, graphs, args, device):
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def optim_check(model):
+    """Two AdamW + EMA steps from model's weights and gradients, the kernel against torch's fused
+    AdamW and lerp: the largest difference of a parameter or EMA weight, over the largest update."""
+    out = []
+    for kernel in (False, True):
+        m, ema = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+        for _ in range(2):
+            for p, q in zip(m.parameters(), model.parameters()):
+                p.grad = None if q.grad is None else q.grad.clone()
+            optim_kernel.step(opt, ema, m, 0.9, kernel=kernel)
+        out.append([*m.parameters(), *ema.parameters()])
+    before = [*model.parameters(), *model.parameters()]
+    update = max((a - p).abs().max().item() for a, p in zip(out[0], before))
+    return max((a - b).abs().max().item() for a, b in zip(out[1], out[0])) / update
 
 
 def check(name, head, batch, size, how, kernel, graphs, args, device):
@@ -190,6 +209,8 @@ def check(name, head, batch, size, how, kernel, graphs, args, device):
         # every parameter's gradient against fp32, the bf16 torch path's error beside the kernels'
         r["torch_vs_fp32_grads"] = max(rel(a, b) for a, b in zip(outs[1][1], outs[0][1]))
         r["kernel_vs_fp32_grads"] = max(rel(a, b) for a, b in zip(outs[2][1], outs[0][1]))
+        if optim_kernel.triton is not None and device.type == "cuda":  # these gradients, two steps
+            r["adamw_ema_kernel_vs_torch"] = optim_check(model)
         block_kernel.enable(model, False)
         with torch.no_grad(), autocast:  # inference: the whole-field kernel against the torch path
             fast = model(x, t, *y)
@@ -215,7 +236,7 @@ def main():
     p.add_argument("--compile", nargs="+", choices=["none", "regions", "full"],
                    default=["regions" if torch.cuda.is_available() else "none"])
     p.add_argument("--kernel", nargs="+", choices=["on", "off"], default=["on"],
-                   help="the fused kernels of the neural field and the blocks (CUDA + Triton; off elsewhere "
+                   help="the fused kernels of the neural field, the blocks and AdamW + EMA (CUDA + Triton; off elsewhere "
                         "whatever this says)")
     p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"], help="sampling only")
     p.add_argument("--image-size", type=int, default=256)
@@ -254,7 +275,8 @@ def main():
         cells = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
         print(f"{what:6s} {name:6s} {head:6s} {how:7s} kernel {kernel:3s} graphs {graphs:3s} batch {batch:3d} | {cells}",
               flush=True)
-        if device.type == "cuda":
+        if device.type == "cuda":  # the next peak without this run's tensors (compiled modules hold cycles)
+            gc.collect()
             torch.cuda.empty_cache()
 
 

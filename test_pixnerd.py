@@ -4,6 +4,7 @@ and the math, then fid.py, dinov2.py, text_encoder.py and data/. CPU only, small
 Spec sections (Sec. x) refer to the official implementation notes; testdata/README.md says where
 the golden vectors come from.
 """
+import copy
 import functools
 import io
 import gzip
@@ -37,6 +38,7 @@ import block_kernel
 import fid
 import flow
 import nerf_kernel
+import optim_kernel
 import sample
 import samplers
 import train
@@ -2095,6 +2097,76 @@ def test_flop_count_leaves_out_swiglu_padding():
     assert flops == unpadded.get_total_flops() == padded.get_total_flops() - 4 * 4 * 2 * 128 * 3 * 3
 
 
+OPTIM_KERNEL_CHECK = """
+import copy, torch, torch.nn as nn, optim_kernel
+torch.manual_seed(0)
+rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+model = nn.Sequential(nn.Linear(37, 45), nn.SiLU(), nn.Linear(45, 3), nn.Embedding(4, 700))
+for max_norm in (None, 0.5):  # 0.5 clips every step here
+    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
+    e1, e2 = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(model).requires_grad_(False)
+    for e in (e1, e2):
+        e[3].weight.data += 1
+    p1 = nn.Linear(3, 5)  # parameters AdamW has and the EMA does not (the REPA projector)
+    p2 = copy.deepcopy(p1)
+    o1 = torch.optim.AdamW([*m1.parameters(), *p1.parameters()], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
+    o2 = torch.optim.AdamW([*m2.parameters(), *p2.parameters()], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
+    for it in range(4):  # a 1024-element block and its ragged tail (45 x 37 = 1665), and a small tensor
+        for m, p, o, e, kernel in ((m1, p1, o1, e1, False), (m2, p2, o2, e2, True)):
+            torch.manual_seed(it)
+            x = torch.randn(6, 37)
+            loss = (m[:3](x) ** 2).mean() + p(m[:3](x)).pow(2).mean() * 3  # m[3] (the Embedding): no gradient
+            loss.backward()
+            norm = optim_kernel.step(o, e, m, 0.9, max_norm, kernel=kernel)
+            o.zero_grad(set_to_none=True)
+            if kernel:
+                assert abs(norm - ref_norm) < 1e-6 * ref_norm, (norm, ref_norm)
+            ref_norm = norm
+    for a, b in zip([*m1.parameters(), *e1.parameters(), *p1.parameters()], [*m2.parameters(), *e2.parameters(), *p2.parameters()]):
+        assert rel(b, a) < 1e-6, (max_norm, rel(b, a))
+    s1, s2 = o1.state_dict(), o2.state_dict()
+    assert sorted(s1["state"]) == sorted(s2["state"]) and 4 not in s2["state"]  # no state without a gradient
+    for k in s1["state"]:
+        for n in ("step", "exp_avg", "exp_avg_sq"):
+            assert rel(s2["state"][k][n], s1["state"][k][n]) < 1e-6, (k, n)
+    assert not torch.equal(e2[3].weight, model[3].weight + 1)  # the EMA follows a parameter without a gradient
+print("optim ok")
+"""
+
+
+def test_optimizer_step_torch_path_and_kernel():
+    """optim_kernel.step's torch path is clip_grad_norm_ + AdamW + the EMA's lerp, the norm without
+    rewriting the gradients when not clipping; with Triton installed the one-pass kernel runs in
+    Triton's CPU interpreter against it (clipping on and off, a whole block and a ragged tail, a
+    parameter without a gradient, one without an EMA copy)."""
+    torch.manual_seed(0)
+    model, proj = nn.Linear(5, 4), nn.Linear(4, 2)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params = [*model.parameters(), *proj.parameters()]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    ref_params = [p.detach().clone() for p in params]
+    ref_opt = torch.optim.AdamW([nn.Parameter(p) for p in ref_params], lr=0.1)
+    ref_ema = [p.detach().clone() for p in model.parameters()]
+    for max_norm in (None, 0.01, None):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, ref_opt.param_groups[0]["params"], grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        want = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(ref_opt.param_groups[0]["params"], max_norm)
+        ref_opt.step()
+        torch._foreach_lerp_(ref_ema, ref_opt.param_groups[0]["params"][:2], 1 - 0.9)
+        g0 = params[0].grad.clone()
+        norm = optim_kernel.step(opt, ema, model, 0.9, max_norm, kernel=False)
+        assert torch.allclose(norm, want) and (max_norm or torch.equal(params[0].grad, g0))
+        for a, b in zip([*params, *ema.parameters()], [*ref_opt.param_groups[0]["params"], *ref_ema]):
+            assert torch.equal(a, b)
+    if importlib.util.find_spec("triton"):
+        run_interpreted(OPTIM_KERNEL_CHECK, "optim ok")
+    else:
+        assert optim_kernel.triton is None
+
+
 def test_bench_kernel_kinds():
     names = {"triton_per_fused__scaled_dot_product_cudnn_attention_add_mean": "Inductor elementwise/reduction",
              "_bwd_kernel": "neural-field kernels", "_out_grad_kernel": "neural-field kernels",
@@ -2103,6 +2175,7 @@ def test_bench_kernel_kinds():
              "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_128x256_64x3_nt_align8>": "matmul",
              "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
              "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>": "AdamW + EMA",
+             "_adamw_ema_kernel": "AdamW + EMA",
              "Memset (Device)": "other"}
     assert {n: bench.kernel_kind(n) for n in names} == names
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import block_kernel
 import flow
 import nerf_kernel
+import optim_kernel
 from model import MODELS, SwiGLU, convert_official, load_weights
 from samplers import guided, sample
 from sample import save_grid, setup_distributed
@@ -269,12 +270,6 @@ def count_flops(config, image_size):
 # Training
 # ---------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema += (1 - decay) (theta - ema), in fp32, one fused pass over all parameters."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
 class Objective(nn.Module):
     """The model and the REPA projector under one module, so DDP syncs both."""
 
@@ -468,11 +463,11 @@ def main(args):
                 (losses["loss"] / args.grad_accum).backward()
             for k, v in losses.items():
                 stats[k] = stats.get(k, 0) + v.detach() / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), args.grad_clip or float("inf"))
+        # AdamW, clipping (--grad-clip) and ema += (1 - decay) (theta - ema), in fp32: one kernel on a GPU
+        grad_norm = optim_kernel.step(opt, ema, model, args.ema_decay, args.grad_clip,
+                                      kernel=None if args.kernel else False)
         stats["grad_norm"] = stats.get("grad_norm", 0) + grad_norm
-        opt.step()
         opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, args.ema_decay)
         step += 1
         n_steps += 1
         seen += args.global_batch_size
@@ -573,7 +568,7 @@ def get_parser():
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="CUDA only")
     p.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=True,
-                   help="the fused Triton kernels of the neural field and the blocks (CUDA and Triton only)")
+                   help="the fused Triton kernels of the neural field, the blocks and AdamW + EMA (CUDA and Triton only)")
     return p
 
 

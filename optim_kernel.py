@@ -1,0 +1,170 @@
+"""The end of a training step, AdamW + gradient clipping + the EMA update, in one pass (CUDA; optional).
+
+torch's fused AdamW reads each parameter, its gradient and both moments and writes three of them
+back; the EMA's `_foreach_lerp_` then reads the parameter again beside the EMA copy; and
+clip_grad_norm_ (for the logged gradient norm, or to clip) reads every gradient and rewrites it. At
+L/16 that is 452M fp32 parameters and about 24 GB of memory traffic a step. Here one kernel reads
+p, g, m, v and the EMA copy once and writes p, m, v and the EMA copy (36 bytes a parameter),
+applying the clipping factor as it reads g and summing g^2 for the norm on the way.
+
+The arithmetic is torch's fused AdamW's, in fp32 (bias corrections from the per-parameter step
+count, IEEE sqrt and division), then ema += w (p - ema) as `torch.lerp` computes it for w < 0.5.
+The state lives in the torch.optim.AdamW object as its fused version keeps it, so checkpoints do
+not depend on which path ran, and `opt.step()` could take over at any step.
+Off the GPU, without Triton, or for options this kernel does not have (amsgrad, maximize, non-fp32
+parameters), step() runs the same update through torch.
+
+A file of its own so that train.py stays free of Triton: train.py and bench.py call step().
+"""
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: torch's AdamW serves
+    triton = None
+
+_BLOCK = 1024  # elements per program; 4 warps (H100: 1024-8192 within 1%, 16384 spills)
+_tables = {}   # (numels, device) -> each program's (tensor, block) pair, built once
+
+
+def step(opt, ema, model, decay, max_norm=None, kernel=None):
+    """opt.step() with the gradients clipped to total norm max_norm (None: not clipped), then
+    ema's parameters += (1 - decay) (model's - ema's). opt may hold more parameters than model
+    (the REPA projector); ema holds a copy of each of model's, in order. Returns the gradients' total
+    norm before clipping, a 0-d tensor. kernel=None: the fused kernel where it applies."""
+    ema_of = dict(zip(model.parameters(), ema.parameters()))
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    if kernel is None:
+        kernel = triton is not None and supported(opt)
+    if not kernel:
+        return _torch_step(opt, ema_of, 1 - decay, max_norm, params)
+    with torch.no_grad():
+        return _fused_step(opt, ema_of, 1 - decay, max_norm, params)
+
+
+def supported(opt):
+    """The kernel's case: fp32 CUDA parameters and gradients, contiguous, AdamW without amsgrad or
+    maximize, weight decay and betas as plain numbers."""
+    tensors = [t for g in opt.param_groups for p in g["params"] if p.grad is not None for t in (p, p.grad)]
+    return (all(not g["amsgrad"] and not g["maximize"] and not torch.is_tensor(g["lr"])
+                for g in opt.param_groups)
+            and all(t.is_cuda and t.dtype == torch.float32 and t.is_contiguous() for t in tensors))
+
+
+@torch.no_grad()
+def _torch_step(opt, ema_of, w, max_norm, params):
+    if max_norm:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:  # the norm alone: clip_grad_norm_(inf) would also rewrite every gradient (x 1)
+        norm = _total_norm([p.grad for p in params])
+    opt.step()
+    torch._foreach_lerp_(list(ema_of.values()), list(ema_of), w)
+    return norm
+
+
+def _total_norm(grads):
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+
+
+def _fused_step(opt, ema_of, w, max_norm, params):
+    dev = params[0].device
+    for p in params:  # the state as torch's fused AdamW creates it
+        st = opt.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=dev)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    torch._foreach_add_([opt.state[p]["step"] for p in params], 1)
+    norm = scale = None
+    if max_norm:  # the norm first, as clip_grad_norm_; the kernel multiplies g by the factor
+        norm = _total_norm([p.grad for p in params])
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    else:
+        scale = torch.ones((), device=dev)
+    base, parts = params[0], []
+    for group in opt.param_groups:
+        ps = [p for p in group["params"] if p.grad is not None]
+        if not ps:
+            continue
+        # every tensor as its element offset from `base`: offsets that are multiples of 4 tell the
+        # compiler that each is 16-byte aligned (vector loads), which pointers read from memory cannot
+        rows = []
+        for p in ps:
+            st, e = opt.state[p], ema_of.get(p)
+            ptrs = [p, p.grad, st["exp_avg"], st["exp_avg_sq"], p if e is None else e]
+            if any(t.data_ptr() % 16 for t in ptrs):
+                raise RuntimeError("optim_kernel: a tensor not 16-byte aligned; pass kernel=False")
+            rows.append([(t.data_ptr() - base.data_ptr()) // 4 for t in ptrs + [st["step"]]]
+                        + [p.numel(), e is not None])
+        rows = torch.tensor(rows, dtype=torch.int64, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
+        key = (tuple(p.numel() for p in ps), dev)
+        if key not in _tables:
+            nb = torch.tensor([triton.cdiv(n, _BLOCK) for n in key[0]])
+            tensor_of = torch.repeat_interleave(torch.arange(len(nb)), nb)
+            first = torch.cumsum(nb, 0) - nb
+            _tables[key] = torch.stack([tensor_of, torch.arange(len(tensor_of)) - first[tensor_of]], 1).int().to(dev)
+        blocks = _tables[key]
+        part = torch.empty(len(blocks), dtype=torch.float32, device=dev)
+        beta1, beta2 = group["betas"]
+        _adamw_ema_kernel[(len(blocks),)](base, rows, blocks, part, scale, group["lr"], beta1, beta2,
+                                          group["eps"], group["weight_decay"], w, BLOCK=_BLOCK)
+        parts.append(part)
+    lone = [(ema_of[p], p) for p in ema_of if p.grad is None]  # the EMA still follows them
+    if lone:
+        torch._foreach_lerp_([e for e, _ in lone], [p for _, p in lone], w)
+    return norm if norm is not None else torch.cat(parts).sum().sqrt()
+
+
+if triton is not None:
+    @triton.jit
+    def _update(P, G, M, V, E, has_ema, idx, mask, scale, lr, beta1, beta2, eps, wd, ema_w, step_size, bc2_sqrt):
+        if mask is None:
+            g = tl.load(G + idx)
+        else:
+            g = tl.load(G + idx, mask=mask, other=0.0)  # zeros for the norm's sum
+        p = tl.load(P + idx, mask=mask)
+        m = tl.load(M + idx, mask=mask)
+        v = tl.load(V + idx, mask=mask)
+        sq = tl.sum(g * g, 0)
+        g = g * scale
+        p = p - lr * wd * p                                   # decoupled weight decay
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        p = p - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
+        tl.store(P + idx, p, mask=mask)
+        tl.store(M + idx, m, mask=mask)
+        tl.store(V + idx, v, mask=mask)
+        if has_ema:
+            e = tl.load(E + idx, mask=mask)
+            tl.store(E + idx, e + ema_w * (p - e), mask=mask)
+        return sq
+
+    @triton.jit
+    def _adamw_ema_kernel(BASE, ROWS, BLOCKS, PART, SCALE, lr, beta1, beta2, eps, wd, ema_w,
+                          BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        t = tl.load(BLOCKS + 2 * pid).to(tl.int64)
+        start = tl.multiple_of(tl.load(BLOCKS + 2 * pid + 1).to(tl.int64) * BLOCK, BLOCK)
+        row = ROWS + 8 * t                       # offsets of p, g, m, v, ema, step; numel; has_ema
+        P = BASE + tl.multiple_of(tl.load(row), 4)
+        G = BASE + tl.multiple_of(tl.load(row + 1), 4)
+        M = BASE + tl.multiple_of(tl.load(row + 2), 4)
+        V = BASE + tl.multiple_of(tl.load(row + 3), 4)
+        E = BASE + tl.multiple_of(tl.load(row + 4), 4)
+        step = tl.load(BASE + tl.load(row + 5))
+        n = tl.load(row + 6)
+        has_ema = tl.load(row + 7) != 0
+        step_size = tl.div_rn(lr, 1 - tl.exp2(step * tl.log2(beta1)))   # lr / (1 - beta1^step)
+        bc2_sqrt = tl.sqrt_rn(1 - tl.exp2(step * tl.log2(beta2)))      # sqrt(1 - beta2^step)
+        scale = tl.load(SCALE)
+        idx = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= n:  # whole blocks without a mask, so the loads are vectorised
+            sq = _update(P, G, M, V, E, has_ema, idx, None, scale, lr, beta1, beta2, eps, wd, ema_w,
+                         step_size, bc2_sqrt)
+        else:
+            sq = _update(P, G, M, V, E, has_ema, idx, idx < n, scale, lr, beta1, beta2, eps, wd, ema_w,
+                         step_size, bc2_sqrt)
+        tl.store(PART + pid, sq)
