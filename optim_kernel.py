@@ -7,8 +7,9 @@ L/16 that is 452M fp32 parameters and about 24 GB of memory traffic a step. Here
 p, g, m, v and the EMA copy once and writes p, m, v and the EMA copy (36 bytes a parameter),
 applying the clipping factor as it reads g and summing g^2 for the norm on the way.
 
-The arithmetic is torch's fused AdamW's, in fp32 (bias corrections from the per-parameter step
-count, IEEE sqrt and division), then ema += w (p - ema) as `torch.lerp` computes it for w < 0.5.
+The arithmetic is torch's fused AdamW's, in fp32 (the same fused multiply-adds, IEEE sqrt and
+division; the bias corrections from the per-parameter step count, in fp64 here where torch rounds
+beta^step to fp32 first), then ema += w (p - ema) as `torch.lerp` computes it for w < 0.5.
 The state lives in the torch.optim.AdamW object as its fused version keeps it, so checkpoints do
 not depend on which path ran, and `opt.step()` could take over at any step.
 Off the GPU, without Triton, or for options this kernel does not have (amsgrad, maximize, non-fp32
@@ -16,6 +17,8 @@ parameters), step() runs the same update through torch.
 
 A file of its own so that train.py stays free of Triton: train.py and bench.py call step().
 """
+import math
+
 import torch
 
 try:
@@ -108,9 +111,10 @@ def _fused_step(opt, ema_of, w, max_norm, params):
             _tables[key] = torch.stack([tensor_of, torch.arange(len(tensor_of)) - first[tensor_of]], 1).int().to(dev)
         blocks = _tables[key]
         part = torch.empty(len(blocks), dtype=torch.float32, device=dev)
-        beta1, beta2 = group["betas"]
-        _adamw_ema_kernel[(len(blocks),)](base, rows, blocks, part, scale, group["lr"], beta1, beta2,
-                                          group["eps"], group["weight_decay"], w, BLOCK=_BLOCK)
+        betas = [float(torch.tensor(b, dtype=torch.float32)) for b in group["betas"]]  # as torch rounds them
+        _adamw_ema_kernel[(len(blocks),)](base, rows, blocks, part, scale, group["lr"], *betas,
+                                          *[math.log(b) for b in betas], group["eps"],
+                                          group["weight_decay"], w, BLOCK=_BLOCK)
         parts.append(part)
     lone = [(ema_of[p], p) for p in ema_of if p.grad is None]  # the EMA still follows them
     if lone:
@@ -131,8 +135,8 @@ if triton is not None:
         sq = tl.sum(g * g, 0)
         g = g * scale
         p = p - lr * wd * p                                   # decoupled weight decay
-        m = beta1 * m + (1 - beta1) * g
-        v = beta2 * v + (1 - beta2) * g * g
+        m = tl.fma(beta1, m, tl.fma(-beta1, g, g))            # beta1 m + (1 - beta1) g, as torch
+        v = tl.fma(beta2, v, tl.fma(-beta2, g * g, g * g))    # beta2 v + (1 - beta2) g^2
         p = p - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
         tl.store(P + idx, p, mask=mask)
         tl.store(M + idx, m, mask=mask)
@@ -143,8 +147,8 @@ if triton is not None:
         return sq
 
     @triton.jit
-    def _adamw_ema_kernel(BASE, ROWS, BLOCKS, PART, SCALE, lr, beta1, beta2, eps, wd, ema_w,
-                          BLOCK: tl.constexpr):
+    def _adamw_ema_kernel(BASE, ROWS, BLOCKS, PART, SCALE, lr, beta1, beta2, log_beta1, log_beta2, eps, wd,
+                          ema_w, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(BLOCKS + 2 * pid).to(tl.int64)
         start = tl.multiple_of(tl.load(BLOCKS + 2 * pid + 1).to(tl.int64) * BLOCK, BLOCK)
@@ -154,11 +158,13 @@ if triton is not None:
         M = BASE + tl.multiple_of(tl.load(row + 2), 4)
         V = BASE + tl.multiple_of(tl.load(row + 3), 4)
         E = BASE + tl.multiple_of(tl.load(row + 4), 4)
-        step = tl.load(BASE + tl.load(row + 5))
+        step = tl.load(BASE + tl.load(row + 5)).to(tl.float64)
         n = tl.load(row + 6)
         has_ema = tl.load(row + 7) != 0
-        step_size = tl.div_rn(lr, 1 - tl.exp2(step * tl.log2(beta1)))   # lr / (1 - beta1^step)
-        bc2_sqrt = tl.sqrt_rn(1 - tl.exp2(step * tl.log2(beta2)))      # sqrt(1 - beta2^step)
+        # the bias corrections 1 - beta^step in fp64: in fp32, 1 - exp(..) loses the digits that
+        # matter while beta^step is near 1 (beta2 = 0.999: 1 - beta2 = 1e-3)
+        step_size = tl.div_rn(lr, (1 - tl.exp(step * log_beta1)).to(tl.float32))
+        bc2_sqrt = tl.sqrt_rn((1 - tl.exp(step * log_beta2)).to(tl.float32))
         scale = tl.load(SCALE)
         idx = start + tl.arange(0, BLOCK)
         if start + BLOCK <= n:  # whole blocks without a mask, so the loads are vectorised
