@@ -40,19 +40,22 @@ def step(opt, ema, model, decay, max_norm=None, kernel=None):
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     if kernel is None:
         kernel = triton is not None and supported(opt)
-    if not kernel:
+    if not kernel or not params:
         return _torch_step(opt, ema_of, 1 - decay, max_norm, params)
     with torch.no_grad():
         return _fused_step(opt, ema_of, 1 - decay, max_norm, params)
 
 
 def supported(opt):
-    """The kernel's case: fp32 CUDA parameters and gradients, contiguous, AdamW without amsgrad or
-    maximize, weight decay and betas as plain numbers."""
-    tensors = [t for g in opt.param_groups for p in g["params"] if p.grad is not None for t in (p, p.grad)]
+    """The kernel's case: fp32 CUDA parameters, gradients and state (the step count on the GPU too,
+    as torch's fused AdamW keeps it) on one device, contiguous; AdamW without amsgrad or maximize,
+    a plain number for the learning rate."""
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    tensors = [t for p in params for t in (p, p.grad, *opt.state[p].values()) if torch.is_tensor(t)]
     return (all(not g["amsgrad"] and not g["maximize"] and not torch.is_tensor(g["lr"])
                 for g in opt.param_groups)
-            and all(t.is_cuda and t.dtype == torch.float32 and t.is_contiguous() for t in tensors))
+            and all(t.device == params[0].device and t.is_cuda and t.dtype == torch.float32
+                    and t.is_contiguous() for t in tensors))
 
 
 @torch.no_grad()

@@ -2136,7 +2136,8 @@ print("optim ok")
 
 def test_optimizer_step_torch_path_and_kernel():
     """optim_kernel.step's torch path is clip_grad_norm_ + AdamW + the EMA's lerp, the norm without
-    rewriting the gradients when not clipping; with Triton installed the one-pass kernel runs in
+    rewriting the gradients when not clipping; with no gradients at all only the EMA moves; on CPU
+    tensors the kernel is not chosen. With Triton installed the one-pass kernel runs in
     Triton's CPU interpreter against it (clipping on and off, a whole block and a ragged tail, a
     parameter without a gradient, one without an EMA copy)."""
     torch.manual_seed(0)
@@ -2157,10 +2158,17 @@ def test_optimizer_step_torch_path_and_kernel():
         ref_opt.step()
         torch._foreach_lerp_(ref_ema, ref_opt.param_groups[0]["params"][:2], 1 - 0.9)
         g0 = params[0].grad.clone()
-        norm = optim_kernel.step(opt, ema, model, 0.9, max_norm, kernel=False)
+        assert not optim_kernel.supported(opt)  # CPU tensors: torch's AdamW, also with kernel=None
+        norm = optim_kernel.step(opt, ema, model, 0.9, max_norm)
         assert torch.allclose(norm, want) and (max_norm or torch.equal(params[0].grad, g0))
         for a, b in zip([*params, *ema.parameters()], [*ref_opt.param_groups[0]["params"], *ref_ema]):
             assert torch.equal(a, b)
+        opt.zero_grad(set_to_none=True)
+    e0 = [e.clone() for e in ema.parameters()]
+    with torch.no_grad():
+        model.weight.add_(1)
+    assert optim_kernel.step(opt, ema, model, 0.9, kernel=True) == 0  # no gradients: the EMA alone moves
+    assert not torch.equal(ema.weight, e0[0]) and torch.equal(ema.bias, e0[1] + 0.1 * (model.bias - e0[1]))
     if importlib.util.find_spec("triton"):
         run_interpreted(OPTIM_KERNEL_CHECK, "optim ok")
     else:
