@@ -47,15 +47,20 @@ def step(opt, ema, model, decay, max_norm=None, kernel=None):
 
 
 def supported(opt):
-    """The kernel's case: fp32 CUDA parameters, gradients and state (the step count on the GPU too,
-    as torch's fused AdamW keeps it) on one device, contiguous; AdamW without amsgrad or maximize,
-    a plain number for the learning rate."""
+    """The kernel's case: fp32 CUDA parameters and gradients on one device, contiguous, the step
+    counts there too (as torch's fused AdamW keeps them; load_state_dict puts the moments on the
+    parameters' device and dtype); AdamW without amsgrad or maximize, a plain number for the
+    learning rate."""
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    tensors = [t for p in params for t in (p, p.grad, *opt.state[p].values()) if torch.is_tensor(t)]
+    if not params or not params[0].is_cuda:
+        return False
+    dev, f32 = params[0].device, torch.float32
+    steps = [opt.state[p].get("step") for p in params if opt.state[p]]
     return (all(not g["amsgrad"] and not g["maximize"] and not torch.is_tensor(g["lr"])
                 for g in opt.param_groups)
-            and all(t.device == params[0].device and t.is_cuda and t.dtype == torch.float32
-                    and t.is_contiguous() for t in tensors))
+            and all(t.device == dev and t.dtype == f32 and t.is_contiguous()
+                    for t in params + [p.grad for p in params])
+            and all(torch.is_tensor(s) and s.device == dev and s.dtype == f32 for s in steps))
 
 
 @torch.no_grad()
@@ -83,39 +88,41 @@ def _fused_step(opt, ema_of, w, max_norm, params):
             st["step"] = torch.zeros((), dtype=torch.float32, device=dev)
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    # every tensor as its element offset from one fp32 tensor: offsets that are multiples of 4 tell
+    # the compiler that each is 16-byte aligned (vector loads), which pointers read from memory cannot
+    groups = []
+    for group in opt.param_groups:
+        ps = [p for p in group["params"] if p.grad is not None]
+        if ps:
+            sts, es = [opt.state[p] for p in ps], [ema_of.get(p) for p in ps]
+            cols = (ps, [p.grad for p in ps], [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
+                    [p if e is None else e for p, e in zip(ps, es)], [s["step"] for s in sts])
+            addr = torch.tensor([[t.data_ptr() for t in c] for c in cols], dtype=torch.int64)  # (6, n)
+            groups.append((group, ps, es, addr))
+    if any((addr[:5] % 16).any() for *_, addr in groups):  # a view into another tensor: no kernel
+        return _torch_step(opt, ema_of, w, max_norm, params)
     torch._foreach_add_([opt.state[p]["step"] for p in params], 1)
-    norm = scale = None
     if max_norm:  # the norm first, as clip_grad_norm_; the kernel multiplies g by the factor
         norm = _total_norm([p.grad for p in params])
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     else:
-        scale = torch.ones((), device=dev)
-    base, parts = params[0], []
-    for group in opt.param_groups:
-        ps = [p for p in group["params"] if p.grad is not None]
-        if not ps:
-            continue
-        # every tensor as its element offset from `base`: offsets that are multiples of 4 tell the
-        # compiler that each is 16-byte aligned (vector loads), which pointers read from memory cannot
-        rows = []
-        for p in ps:
-            st, e = opt.state[p], ema_of.get(p)
-            ptrs = [p, p.grad, st["exp_avg"], st["exp_avg_sq"], p if e is None else e]
-            if any(t.data_ptr() % 16 for t in ptrs):
-                raise RuntimeError("optim_kernel: a tensor not 16-byte aligned; pass kernel=False")
-            rows.append([(t.data_ptr() - base.data_ptr()) // 4 for t in ptrs + [st["step"]]]
-                        + [p.numel(), e is not None])
-        rows = torch.tensor(rows, dtype=torch.int64, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
-        key = (tuple(p.numel() for p in ps), dev)
+        norm, scale = None, torch.ones((), device=dev)
+    parts = []
+    for group, ps, es, addr in groups:
+        numel = torch.tensor([p.numel() for p in ps])
+        has_ema = torch.tensor([e is not None for e in es], dtype=torch.int64)
+        rows = torch.cat([(addr - params[0].data_ptr()) // 4, numel[None], has_ema[None]]).T.contiguous()
+        rows = rows.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else rows
+        key = (tuple(numel.tolist()), dev)
         if key not in _tables:
-            nb = torch.tensor([triton.cdiv(n, _BLOCK) for n in key[0]])
+            nb = (numel + _BLOCK - 1) // _BLOCK
             tensor_of = torch.repeat_interleave(torch.arange(len(nb)), nb)
             first = torch.cumsum(nb, 0) - nb
             _tables[key] = torch.stack([tensor_of, torch.arange(len(tensor_of)) - first[tensor_of]], 1).int().to(dev)
         blocks = _tables[key]
         part = torch.empty(len(blocks), dtype=torch.float32, device=dev)
         betas = [float(torch.tensor(b, dtype=torch.float32)) for b in group["betas"]]  # as torch rounds them
-        _adamw_ema_kernel[(len(blocks),)](base, rows, blocks, part, scale, group["lr"], *betas,
+        _adamw_ema_kernel[(len(blocks),)](params[0], rows, blocks, part, scale, group["lr"], *betas,
                                           *[math.log(b) for b in betas], group["eps"],
                                           group["weight_decay"], w, BLOCK=_BLOCK)
         parts.append(part)

@@ -2130,6 +2130,16 @@ for max_norm in (None, 0.5):  # 0.5 clips every step here
         for n in ("step", "exp_avg", "exp_avg_sq"):
             assert rel(s2["state"][k][n], s1["state"][k][n]) < 1e-6, (k, n)
     assert not torch.equal(e2[3].weight, model[3].weight + 1)  # the EMA follows a parameter without a gradient
+# a parameter that starts 4 bytes into its storage: no 16-byte loads, so torch's path runs instead
+outs = []
+for kernel in (False, True):
+    p = nn.Parameter(torch.arange(9.0)[1:])
+    e = nn.ParameterList([nn.Parameter(torch.zeros(8), requires_grad=False)])
+    o = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.ones(8)
+    optim_kernel.step(o, e, nn.ParameterList([p]), 0.9, kernel=kernel)
+    outs.append((p.detach().clone(), e[0].clone()))
+assert p.data_ptr() % 16 == 4 and all(torch.equal(a, b) for a, b in zip(*outs))
 print("optim ok")
 """
 
@@ -2139,7 +2149,8 @@ def test_optimizer_step_torch_path_and_kernel():
     rewriting the gradients when not clipping; with no gradients at all only the EMA moves; on CPU
     tensors the kernel is not chosen. With Triton installed the one-pass kernel runs in
     Triton's CPU interpreter against it (clipping on and off, a whole block and a ragged tail, a
-    parameter without a gradient, one without an EMA copy)."""
+    parameter without a gradient, one without an EMA copy, and one 4 bytes into its storage, for
+    which step() takes torch's path)."""
     torch.manual_seed(0)
     model, proj = nn.Linear(5, 4), nn.Linear(4, 2)
     ema = copy.deepcopy(model).requires_grad_(False)
