@@ -12,8 +12,8 @@ division; the bias corrections from the per-parameter step count, in fp64 here w
 beta^step to fp32 first), then ema += w (p - ema) as `torch.lerp` computes it for w < 0.5.
 The state lives in the torch.optim.AdamW object as its fused version keeps it, so checkpoints do
 not depend on which path ran, and `opt.step()` could take over at any step.
-Off the GPU, without Triton, or for options this kernel does not have (amsgrad, maximize, non-fp32
-parameters), step() runs the same update through torch.
+Off the GPU, without Triton, for options this kernel does not have (amsgrad, maximize, non-fp32
+parameters) or a tensor that is not 16-byte aligned, step() runs the same update through torch.
 
 A file of its own so that train.py stays free of Triton: train.py and bench.py call step().
 """
