@@ -238,8 +238,8 @@ def main():
     p.add_argument("--compile", nargs="+", choices=["none", "regions", "full"],
                    default=["regions" if torch.cuda.is_available() else "none"])
     p.add_argument("--kernel", nargs="+", choices=["on", "off"], default=["on"],
-                   help="the fused kernels of the neural field, the blocks and AdamW + EMA (CUDA + Triton; off elsewhere "
-                        "whatever this says)")
+                   help="the fused kernels of the neural field, the blocks and AdamW + EMA (CUDA + Triton; "
+                        "off elsewhere whatever this says)")
     p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"], help="sampling only")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)
