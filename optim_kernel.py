@@ -39,19 +39,20 @@ def step(opt, ema, model, decay, max_norm=None, kernel=None):
     ema_of = dict(zip(model.parameters(), ema.parameters()))
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     if kernel is None:
-        kernel = triton is not None and supported(opt)
+        kernel = triton is not None and supported(opt, params)
     if not kernel or not params:
         return _torch_step(opt, ema_of, 1 - decay, max_norm, params)
     with torch.no_grad():
         return _fused_step(opt, ema_of, 1 - decay, max_norm, params)
 
 
-def supported(opt):
+def supported(opt, params=None):
     """The kernel's case: fp32 CUDA parameters and gradients on one device, contiguous, the step
     counts there too (as torch's fused AdamW keeps them; load_state_dict puts the moments on the
     parameters' device and dtype); AdamW without amsgrad or maximize, a plain number for the
-    learning rate."""
-    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    learning rate. params: those of opt with a gradient, where the caller has the list."""
+    if params is None:
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     if not params or not params[0].is_cuda:
         return False
     dev, f32 = params[0].device, torch.float32
