@@ -108,12 +108,13 @@ def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     y = torch.randint(0, 1000, (batch,), device=device)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    model_params, ema_params = list(model.parameters()), list(ema.parameters())  # as train.py
 
     def step():
         with autocast:
             loss = objective(x, y, null=1000)["loss"]
         loss.backward()
-        optim_kernel.step(opt, ema, model, 0.9999, kernel=None if kernel == "on" else False)
+        optim_kernel.step(opt, ema_params, model_params, 0.9999, kernel=None if kernel == "on" else False)
         opt.zero_grad(set_to_none=True)
 
     t_compile = time.perf_counter()

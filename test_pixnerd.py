@@ -1996,7 +1996,10 @@ def test_block_kernels_match_torch_functions_or_fall_back():
     """With Triton installed, the four block kernels run in Triton's CPU interpreter against model.py's
     torch functions, forward and every gradient: fp32, an fp32 residual stream with fp16 adaLN outputs,
     and fp16 (the interpreter mishandles bf16); odd sizes, head widths that are not powers of 2, q as
-    a strided view of qkv. Without Triton (CI), enable() routes nothing and the model is unchanged."""
+    a strided view of qkv. Without Triton (CI), enable() routes nothing and the model is unchanged.
+    The launch sizes' host helpers are checked on their own."""
+    assert [block_kernel._pow2(n) for n in (1, 2, 3, 64, 65, 1024, 2736)] == [1, 2, 4, 64, 128, 1024, 4096]
+    assert [block_kernel._cdiv(a, 32) for a in (0, 1, 32, 33, 256)] == [0, 1, 1, 2, 8]
     if importlib.util.find_spec("triton"):
         run_interpreted(BLOCK_KERNEL_CHECK, "block kernels ok")
     else:
@@ -2170,7 +2173,8 @@ def test_optimizer_step_torch_path_and_kernel():
         torch._foreach_lerp_(ref_ema, ref_opt.param_groups[0]["params"][:2], 1 - 0.9)
         g0 = params[0].grad.clone()
         assert not optim_kernel.supported(opt)  # CPU tensors: torch's AdamW, also with kernel=None
-        norm = optim_kernel.step(opt, ema, model, 0.9, max_norm)
+        pair = (ema, model) if max_norm is None else (list(ema.parameters()), list(model.parameters()))
+        norm = optim_kernel.step(opt, *pair, 0.9, max_norm)  # the modules, or lists of their parameters
         assert torch.allclose(norm, want) and (max_norm or torch.equal(params[0].grad, g0))
         for a, b in zip([*params, *ema.parameters()], [*ref_opt.param_groups[0]["params"], *ref_ema]):
             assert torch.equal(a, b)

@@ -415,7 +415,8 @@ def main(args):
     if args.compile and cuda:  # regional: one compiled block serves all of them
         model.compile_regions()
     train_obj = DDP(objective, device_ids=[device.index] if cuda else None) if ddp else objective
-    n_params = sum(p.numel() for p in model.parameters())
+    model_params, ema_params = list(model.parameters()), list(ema.parameters())  # for optim_kernel.step
+    n_params = sum(p.numel() for p in model_params)
     flops = count_flops(config, size)
     if rank == 0:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
@@ -464,7 +465,7 @@ def main(args):
             for k, v in losses.items():
                 stats[k] = stats.get(k, 0) + v.detach() / args.grad_accum
         # AdamW, clipping (--grad-clip) and ema += (1 - decay) (theta - ema), in fp32: one kernel on a GPU
-        grad_norm = optim_kernel.step(opt, ema, model, args.ema_decay, args.grad_clip,
+        grad_norm = optim_kernel.step(opt, ema_params, model_params, args.ema_decay, args.grad_clip,
                                       kernel=None if args.kernel else False)
         stats["grad_norm"] = stats.get("grad_norm", 0) + grad_norm
         opt.zero_grad(set_to_none=True)
