@@ -5,6 +5,7 @@
     python bench.py --what sample --model L/16 --batch-size 1 64
     python bench.py --what check --model L/16 XL/16                        # numerics of the fast paths
     python bench.py --model L/16 --batch-size 64 --profile 30              # where the step's time goes
+    python bench.py --model L/16 --batch-size 32 --cuda-graphs off on      # train.py --cuda-graphs
     python bench.py --model S/16 --image-size 32 --batch-size 2 --iters 2 --warmup 1   # CPU smoke
 
 A training step is the one train.py runs: flow-matching loss (REPA off), backward, AdamW and the
@@ -26,20 +27,21 @@ import optim_kernel
 from model import MODELS
 from sample import CUDAGraphs, bf16_linears
 from samplers import guided, sample
-from train import PEAK_FLOPS, Objective, count_flops
+from train import PEAK_FLOPS, Objective, count_flops, peak_gib
 
 
-def prepared(model, how, kernel):
+def prepared(model, how, kernel, graphs=False):
     """how: none (eager), regions (each block and the head, what train.py and sample.py do) or
     full (the whole model); kernel: route the neural field through nerf_kernel and the blocks'
-    elementwise work through block_kernel."""
+    elementwise work through block_kernel; graphs: compiled with CUDA graphs (reduce-overhead)."""
     if kernel == "on":
         nerf_kernel.enable(model)
         block_kernel.enable(model)
+    mode = {"mode": "reduce-overhead"} if graphs else {}
     if how == "regions":
-        model.compile_regions()
+        model.compile_regions(**mode)
     elif how == "full":
-        model.compile(dynamic=False)
+        model.compile(dynamic=False, **mode)
     return model
 
 
@@ -102,7 +104,7 @@ def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
     model = MODELS[name](head=head).to(device)
     ema = MODELS[name](head=head).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    prepared(model, how, kernel)
+    prepared(model, how, kernel, graphs == "on")
     objective = Objective(model, None)
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
@@ -111,6 +113,8 @@ def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
     model_params, ema_params = list(model.parameters()), list(ema.parameters())  # as train.py
 
     def step():
+        if graphs == "on":  # as train.py
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = objective(x, y, null=1000)["loss"]
         loss.backward()
@@ -121,6 +125,8 @@ def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
     step()
     t_compile = time.perf_counter() - t_compile
     dt, mem = timed(step, args.iters, args.warmup, device, args.profile)
+    if graphs == "on":  # train.py's figure: the graphs' pools are reserved, not allocated, while they replay
+        mem = peak_gib(device, graphs=True)
     flops = count_flops(config, size)
     return dict(s_per_iter=dt, img_per_s=batch / dt, mfu=3 * flops * batch / dt / PEAK_FLOPS,
                 peak_gib=mem, first_step_s=t_compile)
@@ -241,7 +247,9 @@ def main():
     p.add_argument("--kernel", nargs="+", choices=["on", "off"], default=["on"],
                    help="the fused kernels of the neural field, the blocks and AdamW + EMA (CUDA + Triton; "
                         "off elsewhere whatever this says)")
-    p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"], help="sampling only")
+    p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=None,
+                   help="sampling: replay each model call (default on); compiled CUDA training: the compiled "
+                        "regions in reduce-overhead mode, as train.py --cuda-graphs (default off)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -258,9 +266,12 @@ def main():
         print(f"# CPU, torch {torch.__version__}, fp32, {args.image_size}px")
     fns, seen = {"train": bench_train, "sample": bench_sample, "check": check}, set()
     for what, name, head, how, kernel, graphs, batch in itertools.product(
-            args.what, args.model, args.head, args.compile, args.kernel, args.cuda_graphs, args.batch_size):
-        if what == "train":
-            graphs = "-"
+            args.what, args.model, args.head, args.compile, args.kernel, args.cuda_graphs or ["default"],
+            args.batch_size):
+        if graphs == "default":
+            graphs = "off" if what == "train" else "on"
+        if what == "train" and (how == "none" or device.type != "cuda"):
+            graphs = "-"  # CUDA graphs come with compiled CUDA training
         if what == "check":
             head, batch = "nerf", 4
         if kernel == "on" and not nerf_kernel.available():

@@ -266,6 +266,13 @@ def count_flops(config, image_size):
     return counter.get_total_flops()
 
 
+def peak_gib(device, graphs=False):
+    """Peak GPU memory since the last reset, GiB: tensors allocated, or with CUDA graphs the memory
+    reserved, since the graphs' private pools do not count as allocated while they replay."""
+    peak = torch.cuda.max_memory_reserved if graphs else torch.cuda.max_memory_allocated
+    return peak(device) / 2 ** 30
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -412,8 +419,9 @@ def main(args):
     if args.kernel and cuda:  # fused Triton kernels (neural field, blocks); the torch path otherwise
         routed = sum(k.enable(m) for k in (nerf_kernel, block_kernel) for m in (model, ema))
         log.info(f"fused kernels: {'on' if routed else 'off (needs Triton)'}")
+    graphs = args.cuda_graphs and args.compile and cuda
     if args.compile and cuda:  # regional: one compiled block serves all of them
-        model.compile_regions()
+        model.compile_regions(**({"mode": "reduce-overhead"} if graphs else {}))
     train_obj = DDP(objective, device_ids=[device.index] if cuda else None) if ddp else objective
     model_params, ema_params = list(model.parameters()), list(ema.parameters())  # for optim_kernel.step
     n_params = sum(p.numel() for p in model_params)
@@ -448,6 +456,8 @@ def main(args):
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.max_steps:
         gen.manual_seed((args.seed * world + rank) * 1_000_000_007 + step)
+        if graphs:  # last step's graph outputs (activations) may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
         for micro in range(args.grad_accum):
             x, y, bad = next(batches)
             bad_total += int(bad.sum())
@@ -487,7 +497,7 @@ def main(args):
             row.update(step=step, lr=args.lr, img_per_s=seen / dt, skipped_images=bad_total)
             if cuda:
                 row["mfu"] = 3 * flops * seen / dt / (PEAK_FLOPS * world)
-                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                row["peak_mem_gib"] = peak_gib(device, graphs)
             if rank == 0:
                 with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -516,7 +526,7 @@ def main(args):
 PAPER = dict(image_size=256, global_batch_size=256, max_steps=800_000, lr=1e-4, ema_decay=0.9999,
              log_every=100, ckpt_every=5_000, sample_every=10_000, num_workers=8)
 RESUME_MAY_CHANGE = ("max_steps", "log_every", "ckpt_every", "milestone_every", "sample_every",
-                     "num_workers", "compile", "kernel", "results_dir")
+                     "num_workers", "compile", "cuda_graphs", "kernel", "results_dir")
 BUILTIN = dict(image_size=32, global_batch_size=32, max_steps=1_200, lr=2e-4, ema_decay=0.995,
                log_every=50, ckpt_every=300, sample_every=300, num_workers=1)
 
@@ -568,6 +578,10 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="CUDA only")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="replay the compiled blocks from CUDA graphs (torch.compile's reduce-overhead mode): "
+                        "no per-kernel work on the host, which pays where the host cannot keep up with "
+                        "the GPU (small batches per GPU, slow CPUs); with --compile on CUDA")
     p.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=True,
                    help="the fused Triton kernels of the neural field, the blocks and AdamW + EMA (CUDA and Triton only)")
     return p
