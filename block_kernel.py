@@ -158,8 +158,7 @@ class _Modulate(torch.autograd.Function):
         dx = torch.empty_like(x)
         part = torch.empty(3, B, nb, D, device=x.device, dtype=torch.float32)  # gain, scale, shift
         _modulate_bwd[(nb, B)](dout.contiguous(), x, gain, scale, dx, part, N, D, scale.stride(0), ctx.eps,
-                               R=R, BR=_rows(R, D), BD=_pow2(D), XDT=_DT[x.dtype],
-                               SDT=_DT[scale.dtype])
+                               R=R, BR=_rows(R, D), BD=_pow2(D), XDT=_DT[x.dtype], SDT=_DT[scale.dtype])
         part = part.sum(2)                                                  # (3, B, D)
         d_scale_shift = part[1:, :, None].to(scale.dtype)                   # (2, B, 1, D), one cast
         return dx, part[0].sum(0).to(gain.dtype), d_scale_shift[1], d_scale_shift[0], None, None
@@ -173,8 +172,7 @@ class _GatedResidual(torch.autograd.Function):
         pdt = torch.promote_types(gate.dtype, y.dtype)
         out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, pdt))
         BR = _rows(N, D)
-        _gated_fwd[(_cdiv(N, BR), B)](x, gate, y, out, N, D, gate.stride(0), BR=BR,
-                                            BD=_pow2(D), PDT=_DT[pdt])
+        _gated_fwd[(_cdiv(N, BR), B)](x, gate, y, out, N, D, gate.stride(0), BR=BR, BD=_pow2(D), PDT=_DT[pdt])
         ctx.save_for_backward(gate, y)
         ctx.x_dtype = x.dtype
         return out
@@ -201,7 +199,7 @@ class _QKNormRope(torch.autograd.Function):
         rows = B * N * H
         BR = max(1, 2048 // _pow2(hd))
         _qk_norm_rope_fwd[(_cdiv(rows, BR),)](qkv, gain_q, gain_k, cos, sin, q, k, rows, N, H, eps, HD=hd, BR=BR,
-                                                  BH=_pow2(hd) // 2, XDT=_DT[qkv.dtype])
+                                              BH=_pow2(hd) // 2, XDT=_DT[qkv.dtype])
         ctx.save_for_backward(qkv, gain_q, gain_k, cos, sin)
         ctx.eps = eps
         return q, k, qkv[:, :, 2]
@@ -244,7 +242,7 @@ class _SiluGate(torch.autograd.Function):
         dh = torch.empty_like(h)
         n = dout.numel()
         _silu_gate_bwd[(_cdiv(n, 1024),)](dout.contiguous(), h, dh, n, h.shape[-1] // 2, BLOCK=1024,
-                                                DT=_DT[h.dtype])
+                                          DT=_DT[h.dtype])
         return dh
 
 
