@@ -1441,6 +1441,7 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path, monkeypatch):
     # the run folder given explicitly; --cuda-graphs, a speed flag a resume may change, does nothing on the CPU
     run_train(tmp_path / "elsewhere", "--resume", run_c, "--max-steps", 6, "--cuda-graphs")
     assert not os.path.exists(tmp_path / "elsewhere")
+    assert "CUDA graphs: off (they need --compile on CUDA)" in open(os.path.join(run_c, "log.txt")).read()
 
     a = metrics(run_a)
     assert [row["step"] for row in a] == list(range(1, 7))

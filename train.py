@@ -420,6 +420,8 @@ def main(args):
         routed = sum(k.enable(m) for k in (nerf_kernel, block_kernel) for m in (model, ema))
         log.info(f"fused kernels: {'on' if routed else 'off (needs Triton)'}")
     graphs = args.cuda_graphs and args.compile and cuda
+    if args.cuda_graphs:
+        log.info(f"CUDA graphs: {'on' if graphs else 'off (they need --compile on CUDA)'}")
     if args.compile and cuda:  # regional: one compiled block serves all of them
         model.compile_regions(**({"mode": "reduce-overhead"} if graphs else {}))
     train_obj = DDP(objective, device_ids=[device.index] if cuda else None) if ddp else objective
