@@ -13,7 +13,8 @@ the output norm and projection, the second is the layer's, as for any other. The
 followed by a small kernel that sums the embedding's gradients over all patches in one pass.)
 In the head the first layer also computes the embedding from the pixels, and the last the output
 norm and projection, so the (patches, pixels, width) fp32 tensors in memory are only the inner
-layers' inputs (one at L/16). For inference (no gradients) a second kernel runs the whole head of
+layers' inputs (one at L/16). In training the head is one op, weight generators included, so
+that its backward can pass bf16 gradients from layer to layer. For inference (no gradients) a second kernel runs the whole head of
 a patch on chip, embedding, every layer and the output projection, and writes only the velocity.
 
 The forward rounds where the torch path rounds (h in fp32 or bf16; the matmul operands in the
@@ -72,7 +73,7 @@ def fused_head(head, s, pixels, ph, pw):
     """NerfHead.forward through the kernels: of the (patches, pixels, width) fp32 tensors (1 GiB
     each at L/16 batch 64) only the inner layers' inputs go to memory. Training: one kernel per
     layer, the first computing the embedding, the last the output norm and projection, each
-    backward recomputing from its layer's input. Inference: the whole field in one kernel (at most
+    backward recomputing from its layer's input, all in one op (_head_train_op). Inference: the whole field in one kernel (at most
     4 layers), writing only the velocity. None where the kernels do not apply and the head takes
     its torch path: CPU tensors, pixels not in fp32, generator outputs in fp32 (no autocast)."""
     return _fused_head(head, s, pixels, ph, pw) if pixels.is_cuda else None
@@ -83,8 +84,9 @@ def _fused_head(head, s, pixels, ph, pw):  # the device check apart, for the int
     training = torch.is_grad_enabled()
     if pixels.dtype != torch.float32 or not (training or len(blocks) <= 4):
         return None
-    ws = [b.generator(s) for b in blocks]                                   # (N, 2 * width * hidden)
-    if ws[0].dtype not in (torch.bfloat16, torch.float16):  # fp32 without autocast: the torch path's matmuls
+    dev, gen = s.device.type, blocks[0].generator.weight
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(s.dtype, gen.dtype)
+    if dt not in (torch.bfloat16, torch.float16):  # fp32 without autocast: the torch path's matmuls
         return None
     phi = coordinate_encoding(head.encoding, ph, pw, pixels.device)        # (ph*pw, 64)
     with no_autocast(pixels):
@@ -94,15 +96,13 @@ def _fused_head(head, s, pixels, ph, pw):  # the device check apart, for the int
     norm_out = isinstance(head.norm_out, RMSNorm)
     go, eps_out = (head.norm_out.weight, head.norm_out.eps) if norm_out else (None, 0.0)
     pixels = pixels.contiguous()
-    if not training:
-        return _field_op(pixels, e, wx, ws, [b.norm.weight for b in blocks], go if norm_out else wx, wo, bo,
-                         blocks[0].norm.eps, eps_out, blocks[0].norm_w2, norm_out)
-    h, last = pixels, len(blocks) - 1
-    for i, (b, wi) in enumerate(zip(blocks, ws)):
-        h = _patch_mlp_op(h, wi.contiguous(), b.norm.weight, *((e, wx) if i == 0 else (None, None)),
-                          *((go, wo, bo) if i == last else (None, None, None)), b.norm.eps, eps_out,
-                          b.norm_w2, norm_out and i == last)
-    return h
+    if training:  # the generators (Eq. 9) run inside the op, in dt as autocast would run them
+        return _head_train_op(pixels, s.to(dt), [b.generator.weight.to(dt) for b in blocks],
+                              [b.generator.bias.to(dt) for b in blocks], e, wx, [b.norm.weight for b in blocks],
+                              go, wo, bo, blocks[0].norm.eps, eps_out, blocks[0].norm_w2, norm_out)[0]
+    ws = [b.generator(s) for b in blocks]                                   # (N, 2 * width * hidden)
+    return _field_op(pixels, e, wx, ws, [b.norm.weight for b in blocks], go if norm_out else wx, wo, bo,
+                     blocks[0].norm.eps, eps_out, blocks[0].norm_w2, norm_out)
 
 
 if triton is not None:
@@ -289,11 +289,11 @@ if triton is not None:
     @triton.jit
     def _out_grad_kernel(H, E, WX, W, G, GO, WO, DOUT, DH, DGO, DWO, eps, eps_out, P: tl.constexpr,
                          C: tl.constexpr, HID: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr, BP: tl.constexpr,
-                         HDT: tl.constexpr, DT: tl.constexpr, NORM2: tl.constexpr, FIRST: tl.constexpr,
-                         NORM_OUT: tl.constexpr):
+                         HDT: tl.constexpr, DT: tl.constexpr, GDT: tl.constexpr, NORM2: tl.constexpr,
+                         FIRST: tl.constexpr, NORM_OUT: tl.constexpr):
         """The last layer's backward, first step, for patch n: its output, recomputed from its input
         as _fwd_kernel computes it, through the output norm and projection to dL/d(output), written
-        to DH (fp32) for _bwd_kernel to read and overwrite; and the patch's part of the norm's and
+        to DH (in GDT) for _bwd_kernel to read and overwrite; and the patch's part of the norm's and
         projection's weight gradients. A kernel of its own: with no weight-gradient sums to hold,
         it needs a quarter of _bwd_kernel's registers and runs several programs per SM."""
         n = tl.program_id(0)
@@ -306,17 +306,17 @@ if triton is not None:
             r, xhat, g, xn = _rms(x, G, eps, C, HDT, DT)
             do, dgo, dwo = _out_bwd(x + _mlp(xn, w1, w2, s1, s2, DT), GO, WO, DOUT, n, offs_p, pmask, P, eps_out,
                                     dgo, dwo, C, CH, CHP, NORM_OUT)
-            tl.store(DH + ptrs, do, mask=pmask[:, None])
+            tl.store(DH + ptrs, do.to(GDT), mask=pmask[:, None])
         tl.store(DGO + n * C + tl.arange(0, C), dgo)
         _store_rows(DWO, n, dwo, C, CHP)
 
     @triton.jit
     def _bwd_kernel(H, E, WX, W, G, DOUT, DH, DW, DG, eps, P: tl.constexpr, C: tl.constexpr,
                     HID: tl.constexpr, CH: tl.constexpr, CHP: tl.constexpr, BP: tl.constexpr, HDT: tl.constexpr,
-                    DT: tl.constexpr, NORM2: tl.constexpr, FIRST: tl.constexpr):
+                    DT: tl.constexpr, GDT: tl.constexpr, NORM2: tl.constexpr, FIRST: tl.constexpr):
         """Backward of _fwd_kernel's layer for patch n, given dL/d(its output) in DOUT (for the last
         layer, _out_grad_kernel's; DOUT may be DH): recomputes the layer from its input, writes
-        dL/d(input features) to DH and the patch's weight gradient to DW. FIRST: DH is dL/dh0 of the
+        dL/d(input features) to DH (in GDT) and the patch's weight gradient to DW. FIRST: DH is dL/dh0 of the
         embedding's output (_embed_grad_kernel takes it on).
         The per-pixel products run hidden-major, (HID, BP) = W^T x^T, so that every matmul has the
         weights' 64 or 128 rows, not a tile's pixels: on Hopper they are warpgroup MMAs with the
@@ -346,7 +346,7 @@ if triton is not None:
             dg += tl.sum(dxn * xhat.to(tl.float32), axis=0)
             dx = _rms_bwd(x, r, (dxn * g[None, :]).to(HDT).to(tl.float32), C)
             dh = do + dx
-            tl.store(DH + ptrs, dh.to(HDT), mask=pmask[:, None])
+            tl.store(DH + ptrs, dh.to(GDT), mask=pmask[:, None])
         # Eq. 10 backward: s_j = 1/|w_j| gives dW = M - W s_j^2 sum_i(W_ij M_ij) for the raw weights.
         # The weights are reloaded (from L1/L2) at offsets made afresh: held over the loop, they
         # and their (HID, C) offsets would cost registers the loop needs.
@@ -377,7 +377,7 @@ if triton is not None:
             n = j * T + t
             m = pmask & (n < N)
             dh = tl.load(DH + n.to(tl.int64) * P * C + offs_p[:, None] * C + offs_c[None, :], mask=m[:, None],
-                         other=0.0)                                                 # (BP, C)
+                         other=0.0).to(tl.float32)                                  # (BP, C)
             px = tl.load(PIX + n.to(tl.int64) * P * CH + offs_p[None, :] * CH + offs_k[:, None],
                          mask=m[None, :] & (offs_k < CH)[:, None], other=0.0)      # (CHP, BP)
             de += dh
@@ -417,12 +417,13 @@ if triton is not None:
         return [slice(i, min(i + step, N)) for i in range(0, N, step)]
 
     def _embed_grads(dh, pixels):
-        """dL/de (P, C) and dL/dWx (C, CH) of h0 = x Wx^T + e from dL/dh0 (N, P, C) and the pixels x
-        (N, P, CH), fp32: one pass over dL/dh0, partial sums per program added after."""
+        """dL/de (P, C) and dL/dWx (C, CH), fp32, of h0 = x Wx^T + e from dL/dh0 (N, P, C; fp32 or
+        bf16) and the pixels x (N, P, CH): one pass over dL/dh0, partial sums per program added after."""
         (N, P, C), CH = dh.shape, pixels.shape[-1]
         BP, T, CHP = _EMBED_GRAD["BP"], _EMBED_GRAD["T"], triton.next_power_of_2(CH)
         S = triton.cdiv(N, T)
-        de, dwx = dh.new_empty(S, P, C), dh.new_empty(triton.cdiv(P, BP), S, CHP, C)
+        f32 = dict(device=dh.device, dtype=torch.float32)
+        de, dwx = torch.empty(S, P, C, **f32), torch.empty(triton.cdiv(P, BP), S, CHP, C, **f32)
         _embed_grad_kernel[(triton.cdiv(P, BP), S)](dh, pixels, de, dwx, N, P=P, C=C, CH=CH, CHP=CHP, **_EMBED_GRAD)
         return de.sum(0), dwx.sum((0, 1))[:CH].t().contiguous()
 
@@ -446,6 +447,46 @@ if triton is not None:
                       LAST=wo is not None, NORM_OUT=norm_out)
         return ptrs, consts, "last" if wo is not None else "first" if e is not None else "plain"
 
+    def _layer_forward(h, w, gain, e, wx, go, wo, bo, eps, eps_out, norm_w2, norm_out):
+        """One layer, h (N, P, C) -> (N, P, C). With e, wx: h is the pixels (N, P, CH) and the layer
+        starts with the embedding, e = phi Wphi^T + b (P, C) and Wx (C, CH). With wo, bo (and go if
+        norm_out): it ends with the output norm and projection and returns (N, P, CH)."""
+        ptrs, consts, kind = _launch_args(h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out)
+        out = h.new_empty(_out_shape(h, e, wo))
+        for sl in _chunks(h.shape[0], max(w.shape[-1], h[0].numel(), out[0].numel())):
+            _fwd_kernel[(sl.stop - sl.start,)](h[sl], *ptrs[1:3], w[sl], *ptrs[4:], bo if bo is not None else h,
+                                               out[sl], eps, eps_out, **consts, **_FWD[kind])
+        return out
+
+    def _layer_backward(dout, h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out, gdt):
+        """Gradients of _layer_forward: [dL/d(input features) (N, P, C) stored in gdt, dw, dgain,
+        with wo dgo and dwo, with e de and dWx (else empty)]. With e, the features are the
+        embedding's output h0: the caller takes them on to the pixels, if they need a gradient."""
+        ptrs, consts, kind = _launch_args(h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out)
+        N, P, C = _features(h, e)
+        consts["CHP"], consts["GDT"] = triton.next_power_of_2(consts["CH"]), _DT[gdt]
+        last, norm_out = consts.pop("LAST"), consts.pop("NORM_OUT")
+        dh, dw = h.new_empty(N, P, C, dtype=gdt), torch.empty_like(w)
+        dg = torch.empty(N, C, device=h.device, dtype=torch.float32)
+        if last:
+            dgo, dwo = torch.empty(N, C, device=h.device), torch.empty(N, consts["CHP"], C, device=h.device)
+        dout = dout.contiguous()
+        for sl in _chunks(N, max(w.shape[-1], P * C)):
+            grid, hs, ws, dhs = (sl.stop - sl.start,), h[sl], w[sl], dh[sl]
+            douts = dout[sl]
+            if last:  # dL/d(the layer's output) first, into dh, which the layer's backward reads and overwrites
+                _out_grad_kernel[grid](hs, *ptrs[1:3], ws, *ptrs[4:], douts, dhs, dgo[sl], dwo[sl], eps, eps_out,
+                                       **consts, NORM_OUT=norm_out, **_OUT_GRAD)
+                douts = dhs
+            _bwd_kernel[grid](hs, *ptrs[1:3], ws, ptrs[4], douts, dhs, dw[sl], dg[sl], eps, **consts, **_BWD[kind])
+        de, dwx = h.new_empty(0), h.new_empty(0)
+        if e is not None:  # dh is dL/dh0 of h0 = x Wx^T + e: on to e and Wx
+            de, dwx = _embed_grads(dh, h)
+            dwx = dwx.to(wx.dtype)
+        return [dh, dw, dg.sum(0).to(gain.dtype),
+                h.new_empty(0) if not last else dgo.sum(0) if go is None else dgo.sum(0).to(go.dtype),
+                h.new_empty(0) if not last else dwo.sum(0)[: wo.shape[0]].to(wo.dtype), de, dwx]
+
     # Inductor's cache of compiled graphs keys on the ops a graph calls, not on their Python code, and
     # a training graph's cache entry (backward included) on its forward: when a layer op's outputs or
     # its backward's change, the forward op takes a new name, so that graphs cached by an earlier
@@ -456,15 +497,8 @@ if triton is not None:
                       wx: Optional[torch.Tensor], go: Optional[torch.Tensor], wo: Optional[torch.Tensor],
                       bo: Optional[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
                       norm_out: bool) -> torch.Tensor:
-        """One layer, h (N, P, C) -> (N, P, C). With e, wx: h is the pixels (N, P, CH) and the layer
-        starts with the embedding, e = phi Wphi^T + b (P, C) and Wx (C, CH). With wo, bo (and go if
-        norm_out): it ends with the output norm and projection and returns (N, P, CH)."""
-        ptrs, consts, kind = _launch_args(h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out)
-        out = h.new_empty(_out_shape(h, e, wo))
-        for sl in _chunks(h.shape[0], max(w.shape[-1], h[0].numel(), out[0].numel())):
-            _fwd_kernel[(sl.stop - sl.start,)](h[sl], *ptrs[1:3], w[sl], *ptrs[4:], bo if bo is not None else h,
-                                               out[sl], eps, eps_out, **consts, **_FWD[kind])
-        return out
+        """_layer_forward as an op of its own: NerfBlock.fused for one layer."""
+        return _layer_forward(h, w, gain, e, wx, go, wo, bo, eps, eps_out, norm_w2, norm_out)
 
     @_patch_mlp_op.register_fake
     def _(h, w, gain, e, wx, go, wo, bo, eps, eps_out, norm_w2, norm_out):
@@ -497,43 +531,21 @@ if triton is not None:
                                e: Optional[torch.Tensor], wx: Optional[torch.Tensor], go: Optional[torch.Tensor],
                                wo: Optional[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
                                norm_out: bool) -> list[torch.Tensor]:
-        """Gradients of _patch_mlp_op: [dL/d(input features) (N, P, C), dw, dgain, with wo dgo
-        and dwo, with e de and dWx (else empty)]. With e, the features are the embedding's output
-        h0: the caller takes them on to the pixels, if they need a gradient."""
-        ptrs, consts, kind = _launch_args(h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out)
-        N, P, C = _features(h, e)
-        consts["CHP"] = triton.next_power_of_2(consts["CH"])
-        last, norm_out = consts.pop("LAST"), consts.pop("NORM_OUT")
-        dh, dw = h.new_empty(N, P, C), torch.empty_like(w)
-        dg = torch.empty(N, C, device=h.device, dtype=torch.float32)
-        if last:
-            dgo, dwo = torch.empty(N, C, device=h.device), torch.empty(N, consts["CHP"], C, device=h.device)
-        dout = dout.contiguous()
-        for sl in _chunks(N, max(w.shape[-1], P * C)):
-            grid, hs, ws, dhs = (sl.stop - sl.start,), h[sl], w[sl], dh[sl]
-            douts = dout[sl]
-            if last:  # dL/d(the layer's output) first, into dh, which the layer's backward reads and overwrites
-                _out_grad_kernel[grid](hs, *ptrs[1:3], ws, *ptrs[4:], douts, dhs, dgo[sl], dwo[sl], eps, eps_out,
-                                       **consts, NORM_OUT=norm_out, **_OUT_GRAD)
-                douts = dhs
-            _bwd_kernel[grid](hs, *ptrs[1:3], ws, ptrs[4], douts, dhs, dw[sl], dg[sl], eps, **consts, **_BWD[kind])
-        de, dwx = h.new_empty(0), h.new_empty(0)
-        if e is not None:  # dh is dL/dh0 of h0 = x Wx^T + e: on to e and Wx
-            de, dwx = _embed_grads(dh, h)
-            dwx = dwx.to(wx.dtype)
-        return [dh, dw, dg.sum(0).to(gain.dtype),
-                h.new_empty(0) if not last else dgo.sum(0) if go is None else dgo.sum(0).to(go.dtype),
-                h.new_empty(0) if not last else dwo.sum(0)[: wo.shape[0]].to(wo.dtype), de, dwx]
+        """_layer_backward as an op, dL/d(input features) in h's dtype."""
+        return _layer_backward(dout, h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out, h.dtype)
 
-    @_patch_mlp_backward_op.register_fake
-    def _(dout, h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out):
+    def _layer_backward_fake(dout, h, w, gain, e, wx, go, wo, gdt):
         N, P, C = _features(h, e)
         if wo is None:
             extra = [h.new_empty(0), h.new_empty(0)]
         else:
             extra = [go.new_empty(go.shape) if go is not None else h.new_empty(C), torch.empty_like(wo)]
-        return [h.new_empty(N, P, C), torch.empty_like(w), torch.empty_like(gain), *extra,
+        return [h.new_empty(N, P, C, dtype=gdt), torch.empty_like(w), torch.empty_like(gain), *extra,
                 *([h.new_empty(0), h.new_empty(0)] if e is None else [h.new_empty(P, C), torch.empty_like(wx)])]
+
+    @_patch_mlp_backward_op.register_fake
+    def _(dout, h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out):
+        return _layer_backward_fake(dout, h, w, gain, e, wx, go, wo, h.dtype)
 
     def _setup_context(ctx, inputs, output):
         h, w, gain, e, wx, go, wo, bo, ctx.eps, ctx.eps_out, ctx.norm_w2, ctx.norm_out = inputs
@@ -552,3 +564,95 @@ if triton is not None:
                 dout.sum((0, 1)) if last else None, None, None, None, None)
 
     _patch_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+    # The head in training as one op, weight generators (Eq. 9) included: the gradients passed from
+    # layer to layer inside its backward need not be autograd's, so with bf16 weights (_HALF_GRADS)
+    # they are stored in bf16, half the memory traffic of the fp32 dL/dh a layer op must return for
+    # its fp32 input; and each layer's generator takes its weight gradient (N x 16384 at L/16, 0.5 GiB
+    # at batch 64) as soon as it is made, before the next layer's backward, as autograd did between
+    # layer ops. Only the storage rounds: each kernel computes in fp32 and adds the layer's residual
+    # gradient in fp32. bf16 has fp32's exponent range; fp16's would flush the small gradients of a
+    # mean loss over millions of pixels to zero, so fp16 weights keep fp32 gradients.
+    _HALF_GRADS = (torch.bfloat16,)
+
+    def _grad_dtype(ws, pixels):
+        return ws[0].dtype if ws[0].dtype in _HALF_GRADS else pixels.dtype
+
+    def _layer_args(i, depth, e, wx, go, wo, bo, norm_out):
+        """Layer i's optional arguments of depth: the embedding for the first, the output for the last."""
+        last = i == depth - 1
+        return (*((e, wx) if i == 0 else (None, None)), *((go, wo, bo) if last else (None, None, None)),
+                norm_out and last)
+
+    @torch.library.custom_op("pixnerd::nerf_head_train", mutates_args=())
+    def _head_train_op(pixels: torch.Tensor, s: torch.Tensor, gen_w: list[torch.Tensor], gen_b: list[torch.Tensor],
+                       e: torch.Tensor, wx: torch.Tensor, gains: list[torch.Tensor], go: Optional[torch.Tensor],
+                       wo: torch.Tensor, bo: torch.Tensor, eps: float, eps_out: float, norm_w2: bool,
+                       norm_out: bool) -> list[torch.Tensor]:
+        """The head, pixels (N, P, CH) and s (N, D) -> [v (N, P, CH), h_1, ..., h_{depth-1}, w_0, ...]:
+        each layer's weights w_i = s W_i^T + b_i (N, 2 C HID) in s's dtype, and the inner layers'
+        inputs h_i (N, P, C), are outputs so that autograd keeps them for the backward."""
+        ws = [torch.addmm(b, s, W.t()) for W, b in zip(gen_w, gen_b)]      # Eq. 9
+        hs, h = [], pixels
+        for i, (w, g) in enumerate(zip(ws, gains)):
+            *args, nout = _layer_args(i, len(ws), e, wx, go, wo, bo, norm_out)
+            hs.append(h := _layer_forward(h, w, g, *args, eps, eps_out, norm_w2, nout))
+        return [hs[-1], *hs[:-1], *ws]
+
+    @_head_train_op.register_fake
+    def _(pixels, s, gen_w, gen_b, e, wx, gains, go, wo, bo, eps, eps_out, norm_w2, norm_out):
+        N, P, _ = pixels.shape
+        return [pixels.new_empty(N, P, wo.shape[0]), *[pixels.new_empty(N, P, e.shape[1]) for _ in gen_w[1:]],
+                *[s.new_empty(N, W.shape[0]) for W in gen_w]]
+
+    @torch.library.custom_op("pixnerd::nerf_head_train_backward", mutates_args=())
+    def _head_train_backward_op(dv: torch.Tensor, pixels: torch.Tensor, s: torch.Tensor, gen_w: list[torch.Tensor],
+                                e: torch.Tensor, wx: torch.Tensor, gains: list[torch.Tensor], go: Optional[torch.Tensor],
+                                wo: torch.Tensor, hs: list[torch.Tensor], ws: list[torch.Tensor], eps: float,
+                                eps_out: float, norm_w2: bool, norm_out: bool) -> list[torch.Tensor]:
+        """[dL/dh0 (N, P, C), de, dWx, dgo, dWo, ds, [dW_0 db_0 0], ..., dgain_0, ...] from dL/dv: the
+        layers backwards from the last, each reading the one after's dL/d(its output) and handing
+        its weight gradient to its generator at once."""
+        gdt = _grad_dtype(ws, pixels)
+        (N, D), depth, dout, ds = s.shape, len(ws), dv, None
+        s1 = torch.cat([s, s.new_ones(N, 1), s.new_zeros(N, 7)], 1)  # [s, 1]: dW and db in one matmul
+        dgen, dgains = [None] * depth, [None] * depth
+        for i in reversed(range(depth)):
+            e_, wx_, go_, wo_, _, nout = _layer_args(i, depth, e, wx, go, wo, None, norm_out)
+            dout, dw, dgains[i], *rest = _layer_backward(dout, ([pixels] + hs)[i], ws[i], gains[i], e_, wx_, go_,
+                                                         wo_, eps, eps_out, norm_w2, nout, gdt)
+            ds = dw @ gen_w[i] if ds is None else torch.addmm(ds, dw, gen_w[i])      # (N, D)
+            dgen[i] = dw.t() @ s1                                        # (2 C HID, D + 8): [dW, db, 0]
+            del dw  # the next layer's backward may take its memory
+            if i == depth - 1:
+                dgo, dwo = rest[:2]
+        return [dout, *rest[2:], dgo, dwo, ds, *dgen, *dgains]
+
+    @_head_train_backward_op.register_fake
+    def _(dv, pixels, s, gen_w, e, wx, gains, go, wo, hs, ws, eps, eps_out, norm_w2, norm_out):
+        gdt = _grad_dtype(ws, pixels)
+        first = _layer_backward_fake(dv, pixels, ws[0], gains[0], e, wx, None, None, gdt)
+        dgo = go.new_empty(go.shape) if go is not None else e.new_empty(e.shape[1])
+        return [first[0], *first[5:], dgo, torch.empty_like(wo), torch.empty_like(s),
+                *[s.new_empty(W.shape[0], W.shape[1] + 8) for W in gen_w], *[torch.empty_like(g) for g in gains]]
+
+    def _head_setup_context(ctx, inputs, output):
+        pixels, s, gen_w, gen_b, e, wx, gains, go, wo, bo, *ctx.consts = inputs
+        ctx.depth = len(gen_w)
+        ctx.save_for_backward(pixels, s, e, wx, go, wo, *gen_w, *gains, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])  # kept for the backward, not results: no
+        ctx.set_materialize_grads(False)          # gradients of zeros for them (2 GiB at L/16)
+
+    def _head_backward(ctx, grads):
+        pixels, s, e, wx, go, wo, *rest = ctx.saved_tensors
+        d = ctx.depth
+        gen_w, gains, hs, ws = rest[:d], rest[d: 2 * d], rest[2 * d: 3 * d - 1], rest[3 * d - 1:]
+        dv = grads[0]
+        dh0, de, dwx, dgo, dwo, ds, *rest = _head_train_backward_op(dv, pixels, s, gen_w, e, wx, gains, go, wo, hs,
+                                                                    ws, *ctx.consts)
+        dpix = dh0.to(wx.dtype) @ wx if ctx.needs_input_grad[0] else None
+        D, dgen = s.shape[1], rest[:d]  # each [dW_i, db_i, 0]
+        return (dpix, ds, [g[:, :D] for g in dgen], [g[:, D] for g in dgen], de, dwx, rest[d:],
+                dgo if go is not None else None, dwo, dv.sum((0, 1)), None, None, None, None)
+
+    _head_train_op.register_autograd(_head_backward, setup_context=_head_setup_context)

@@ -1876,21 +1876,39 @@ for limit in (2 ** 31, 20000):
             out = nerf_kernel._fused_head(head, s, pix, ph, ph)
         assert out.shape == ref.shape and rel(out, ref) < 1e-4, (norm, depth, rel(out, ref))
         # training: the chain of layer kernels (embedding in the first, output in the last) against the
-        # torch path, velocity and the gradients of s, the pixels and every parameter of the head
-        s, pix = s.float().requires_grad_(), pix.requires_grad_()
-        inputs = [s, pix, *head.parameters()]
-        ref = head(s.half(), pix, ph, ph)
-        out = nerf_kernel._fused_head(head, s.half(), pix, ph, ph)
-        assert out.shape == ref.shape and rel(out, ref) < 1e-4, (norm, depth, rel(out, ref))
-        dv = torch.randn_like(ref)
-        for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, dv), torch.autograd.grad(ref, inputs, dv))):
-            assert a.dtype == b.dtype and rel(a, b) < 3e-3, (norm, depth, i, rel(a, b))
-        # pixels without a gradient, as in training
-        pix = pix.detach()
-        out, ref = nerf_kernel._fused_head(head, s.half(), pix, ph, ph), head(s.half(), pix, ph, ph)
-        inputs = [s, *head.parameters()]
-        for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, dv), torch.autograd.grad(ref, inputs, dv))):
-            assert a.dtype == b.dtype and rel(a, b) < 3e-3, (norm, depth, i, rel(a, b))
+        # torch path, velocity and the gradients of s, the pixels and every parameter of the head;
+        # the gradients between layers in fp32 (as for fp16 weights) and in the weights' 16 bits (bf16's
+        # setting, which the interpreter runs in fp16)
+        for half_grads in ((), (torch.float16,)):
+            nerf_kernel._HALF_GRADS = half_grads
+            s, pix = s.float().detach().requires_grad_(), pix.detach().requires_grad_()
+            inputs = [s, pix, *head.parameters()]
+            ref = head(s.half(), pix, ph, ph)
+            out = nerf_kernel._fused_head(head, s.half(), pix, ph, ph)
+            assert out.shape == ref.shape and rel(out, ref) < 1e-4, (norm, depth, rel(out, ref))
+            dv = torch.randn_like(ref)
+            for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, dv), torch.autograd.grad(ref, inputs, dv))):
+                assert a.dtype == b.dtype and rel(a, b) < 3e-3, (norm, depth, half_grads, i, rel(a, b))
+            # pixels without a gradient, as in training
+            pix = pix.detach()
+            out, ref = nerf_kernel._fused_head(head, s.half(), pix, ph, ph), head(s.half(), pix, ph, ph)
+            inputs = [s, *head.parameters()]
+            for i, (a, b) in enumerate(zip(torch.autograd.grad(out, inputs, dv), torch.autograd.grad(ref, inputs, dv))):
+                assert a.dtype == b.dtype and rel(a, b) < 3e-3, (norm, depth, half_grads, i, rel(a, b))
+        # the head ops' fake versions
+        s16, d = s.detach().half(), len(head.blocks)
+        gen_w, gen_b = [b.generator.weight.detach() for b in head.blocks], [b.generator.bias.detach() for b in head.blocks]
+        gains, go = [b.norm.weight.detach() for b in head.blocks], torch.ones(32) if norm == "fc1_fc2_out" else None
+        args = (pix, s16, gen_w, gen_b, torch.randn(ph * ph, 32), torch.randn(32, 3), gains, go, torch.randn(3, 32),
+                torch.zeros(3), 1e-6, 1e-6, norm != "fc1", go is not None)
+        outs = nerf_kernel._head_train_op(*args)
+        # kept for the backward, not differentiable (no zero gradients made for them)
+        grad_args = (args[0], args[1].requires_grad_(), *args[2:])
+        assert all(o.requires_grad == (i == 0) for i, o in enumerate(nerf_kernel._head_train_op(*grad_args)))
+        torch.library.opcheck(nerf_kernel._head_train_op, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(nerf_kernel._head_train_backward_op,
+                              (torch.randn_like(outs[0]), *args[:3], *args[4:9], outs[1:d], outs[d:], *args[10:]),
+                              test_utils=("test_schema", "test_faketensor"))
 print("kernel ok")
 """
 
@@ -1906,8 +1924,9 @@ def test_fused_kernel_matches_torch_path_or_falls_back():
     """With Triton installed, the kernels run in Triton's CPU interpreter against the torch path
     (fp16: the interpreter mishandles bf16): the layer kernel, forward and all three gradients; the
     embedding's gradient sums; the layer ops' fake versions (torch.library.opcheck); the head, for
-    inference (one kernel) and for training (first layer with the embedding, last with the output),
-    velocity and every gradient, with and without the pixels' gradient. Without Triton (CI),
+    inference (one kernel) and for training (one op: first layer with the embedding, last with the
+    output, gradients between layers in fp32 and in 16 bits), velocity and every gradient, with and
+    without the pixels' gradient, and the head op's fake versions. Without Triton (CI),
     enable() routes nothing and the model computes exactly what it did."""
     if importlib.util.find_spec("triton"):
         run_interpreted(KERNEL_CHECK, "kernel ok")
