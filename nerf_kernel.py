@@ -14,8 +14,9 @@ followed by a small kernel that sums the embedding's gradients over all patches 
 In the head the first layer also computes the embedding from the pixels, and the last the output
 norm and projection, so the (patches, pixels, width) fp32 tensors in memory are only the inner
 layers' inputs (one at L/16). In training the head is one op, weight generators included, so
-that its backward can pass bf16 gradients from layer to layer. For inference (no gradients) a second kernel runs the whole head of
-a patch on chip, embedding, every layer and the output projection, and writes only the velocity.
+that its backward can pass bf16 gradients from layer to layer. For inference (no gradients) a
+second kernel runs the whole head of a patch on chip, embedding, every layer and the output
+projection, and writes only the velocity.
 
 The forward rounds where the torch path rounds (h in fp32 or bf16; the matmul operands in the
 weights' dtype, bf16 or fp16; fp32 accumulation and Eq. 10 scales), so the two agree to
@@ -73,9 +74,10 @@ def fused_head(head, s, pixels, ph, pw):
     """NerfHead.forward through the kernels: of the (patches, pixels, width) fp32 tensors (1 GiB
     each at L/16 batch 64) only the inner layers' inputs go to memory. Training: one kernel per
     layer, the first computing the embedding, the last the output norm and projection, each
-    backward recomputing from its layer's input, all in one op (_head_train_op). Inference: the whole field in one kernel (at most
-    4 layers), writing only the velocity. None where the kernels do not apply and the head takes
-    its torch path: CPU tensors, pixels not in fp32, generator outputs in fp32 (no autocast)."""
+    backward recomputing from its layer's input, all in one op (_head_train_op). Inference: the
+    whole field in one kernel (at most 4 layers), writing only the velocity. None where the kernels
+    do not apply and the head takes its torch path: CPU tensors, pixels not in fp32, generator
+    outputs in fp32 (no autocast)."""
     return _fused_head(head, s, pixels, ph, pw) if pixels.is_cuda else None
 
 
@@ -316,8 +318,8 @@ if triton is not None:
                     DT: tl.constexpr, GDT: tl.constexpr, NORM2: tl.constexpr, FIRST: tl.constexpr):
         """Backward of _fwd_kernel's layer for patch n, given dL/d(its output) in DOUT (for the last
         layer, _out_grad_kernel's; DOUT may be DH): recomputes the layer from its input, writes
-        dL/d(input features) to DH (in GDT) and the patch's weight gradient to DW. FIRST: DH is dL/dh0 of the
-        embedding's output (_embed_grad_kernel takes it on).
+        dL/d(input features) to DH (in GDT) and the patch's weight gradient to DW. FIRST: DH is
+        dL/dh0 of the embedding's output (_embed_grad_kernel takes it on).
         The per-pixel products run hidden-major, (HID, BP) = W^T x^T, so that every matmul has the
         weights' 64 or 128 rows, not a tile's pixels: on Hopper they are warpgroup MMAs with the
         weights in shared memory, and the two (HID, C) fp32 weight-gradient sums are the only large
@@ -607,15 +609,17 @@ if triton is not None:
 
     @torch.library.custom_op("pixnerd::nerf_head_train_backward", mutates_args=())
     def _head_train_backward_op(dv: torch.Tensor, pixels: torch.Tensor, s: torch.Tensor, gen_w: list[torch.Tensor],
-                                e: torch.Tensor, wx: torch.Tensor, gains: list[torch.Tensor], go: Optional[torch.Tensor],
-                                wo: torch.Tensor, hs: list[torch.Tensor], ws: list[torch.Tensor], eps: float,
-                                eps_out: float, norm_w2: bool, norm_out: bool) -> list[torch.Tensor]:
+                                e: torch.Tensor, wx: torch.Tensor, gains: list[torch.Tensor],
+                                go: Optional[torch.Tensor], wo: torch.Tensor, hs: list[torch.Tensor],
+                                ws: list[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
+                                norm_out: bool) -> list[torch.Tensor]:
         """[dL/dh0 (N, P, C), de, dWx, dgo, dWo, ds, [dW_0 db_0 0], ..., dgain_0, ...] from dL/dv: the
         layers backwards from the last, each reading the one after's dL/d(its output) and handing
         its weight gradient to its generator at once."""
         gdt = _grad_dtype(ws, pixels)
         (N, D), depth, dout, ds = s.shape, len(ws), dv, None
-        s1 = torch.cat([s, s.new_ones(N, 1), s.new_zeros(N, 7)], 1)  # [s, 1]: dW and db in one matmul
+        s1 = torch.cat([s, s.new_ones(N, 1), s.new_zeros(N, 7)], 1)  # [s, 1, 0 x 7] (rows of 16 bytes):
+        # dW and db from one matmul
         dgen, dgains = [None] * depth, [None] * depth
         for i in reversed(range(depth)):
             e_, wx_, go_, wo_, _, nout = _layer_args(i, depth, e, wx, go, wo, None, norm_out)
