@@ -1862,6 +1862,10 @@ for limit in (2 ** 31, 20000):
     dh0, px = torch.randn(70, 100, 32), torch.randn(70, 100, 3)
     de, dwx = nerf_kernel._embed_grads(dh0, px)
     assert rel(de, dh0.sum(0)) < 1e-5 and rel(dwx, torch.einsum("npc,npk->ck", dh0, px)) < 1e-5
+    dh0 = dh0.half()  # 16-bit gradients (bf16 in training; the interpreter runs fp16), their own tile setting
+    de, dwx = nerf_kernel._embed_grads(dh0, px)
+    assert de.dtype == dwx.dtype == torch.float32
+    assert rel(de, dh0.float().sum(0)) < 1e-5 and rel(dwx, torch.einsum("npc,npk->ck", dh0.float(), px)) < 1e-5
     # the whole-field inference kernel against NerfHead's torch path, every norm variant, 1 to 4 layers,
     # pixel counts that do and do not fill the tiles
     for norm, depth, ph in (("fc1_fc2_out", 2, 16), ("fc1", 3, 5), ("fc1_fc2", 4, 8), ("fc1_fc2_out", 1, 12)):
