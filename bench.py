@@ -8,10 +8,11 @@
     python bench.py --model L/16 --batch-size 32 --cuda-graphs off on      # train.py --cuda-graphs
     python bench.py --model S/16 --image-size 32 --batch-size 2 --iters 2 --warmup 1   # CPU smoke
 
-A training step is the one train.py runs: flow-matching loss (REPA off), backward, AdamW and the
-fp32 EMA (optim_kernel.step: one kernel with --kernel on, torch's fused AdamW with off). MFU = 3 x
-forward FLOPs x img/s / 686 TFLOP/s (the bf16 matmul rate measured on an H100); FLOPs are counted
-by torch's FlopCounterMode, not estimated.
+A training step is the one train.py runs: flow-matching loss (REPA off), backward (on a GPU through
+train.bf16_compute_copy's bf16 Linear weights), AdamW and the fp32 EMA (optim_kernel.step: one
+kernel with --kernel on, torch's fused AdamW with off). MFU = 3 x forward FLOPs x img/s / 686
+TFLOP/s (the bf16 matmul rate measured on an H100); FLOPs are counted by torch's FlopCounterMode,
+not estimated.
 """
 import argparse
 import copy
@@ -27,7 +28,7 @@ import optim_kernel
 from model import MODELS
 from sample import CUDAGraphs, bf16_linears
 from samplers import guided, sample
-from train import PEAK_FLOPS, Objective, count_flops, peak_gib
+from train import PEAK_FLOPS, Objective, bf16_compute_copy, count_flops, peak_gib
 
 
 def prepared(model, how, kernel, graphs=False):
@@ -104,9 +105,10 @@ def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
     model = MODELS[name](head=head).to(device)
     ema = MODELS[name](head=head).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    prepared(model, how, kernel, graphs == "on")
-    objective = Objective(model, None)
-    opt = torch.optim.AdamW(objective.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
+    net, copies = bf16_compute_copy(model) if device.type == "cuda" else (model, [])  # as train.py
+    prepared(net, how, kernel, graphs == "on")
+    objective = Objective(net, None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     y = torch.randint(0, 1000, (batch,), device=device)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
@@ -118,8 +120,10 @@ def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
         with autocast:
             loss = objective(x, y, null=1000)["loss"]
         loss.backward()
-        optim_kernel.step(opt, ema_params, model_params, 0.9999, kernel=None if kernel == "on" else False)
+        optim_kernel.step(opt, ema_params, model_params, 0.9999, kernel=None if kernel == "on" else False,
+                          copies=copies)
         opt.zero_grad(set_to_none=True)
+        net.zero_grad(set_to_none=True)
 
     t_compile = time.perf_counter()
     step()

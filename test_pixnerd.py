@@ -2158,6 +2158,33 @@ for max_norm in (None, 0.5):  # 0.5 clips every step here
         for n in ("step", "exp_avg", "exp_avg_sq"):
             assert rel(s2["state"][k][n], s1["state"][k][n]) < 1e-6, (k, n)
     assert not torch.equal(e2[3].weight, model[3].weight + 1)  # the EMA follows a parameter without a gradient
+# 16-bit compute copies (fp16: the interpreter rounds bf16 by truncation) hold the gradients of two
+# Linears, the LayerNorm's own; each step the copies are the updated weights rounded
+for max_norm in (None, 0.5):
+    runs = []
+    for kernel in (False, True):
+        m, e = copy.deepcopy(model[:3]), copy.deepcopy(model[:3]).requires_grad_(False)
+        m.append(nn.LayerNorm(3))
+        net = copy.deepcopy(m)
+        net[0].half(), net[2].half()
+        copies = [(p, q) for p, q in zip(m.parameters(), net.parameters()) if q.dtype == torch.float16]
+        o = torch.optim.AdamW(m.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
+        norms = []
+        for it in range(3):
+            torch.manual_seed(it)  # the same gradients for both paths
+            for p, q in copies:
+                q.grad = torch.randn_like(q)
+            for p in m[3].parameters():
+                p.grad = torch.randn_like(p)
+            norms.append(optim_kernel.step(o, e, m[:3], 0.9, max_norm, kernel=kernel, copies=copies))
+            o.zero_grad(set_to_none=True)
+            net.zero_grad(set_to_none=True)
+            assert all(torch.equal(q, p.half()) for p, q in copies), (kernel, it)
+        runs.append(([*m.parameters(), *e.parameters()], norms))
+    for a, b in zip(*[r[0] for r in runs]):
+        assert rel(b, a) < 1e-6, (max_norm, rel(b, a))
+    for a, b in zip(*[r[1] for r in runs]):
+        assert abs(b - a) < 1e-6 * a, (max_norm, a, b)
 # a parameter that starts 4 bytes into its storage: no 16-byte loads, so torch's path runs instead
 outs = []
 for kernel in (False, True):
@@ -2177,8 +2204,8 @@ def test_optimizer_step_torch_path_and_kernel():
     rewriting the gradients when not clipping; with no gradients at all only the EMA moves; on CPU
     tensors the kernel is not chosen. With Triton installed the one-pass kernel runs in
     Triton's CPU interpreter against it (clipping on and off, a whole block and a ragged tail, a
-    parameter without a gradient, one without an EMA copy, and one 4 bytes into its storage, for
-    which step() takes torch's path)."""
+    parameter without a gradient, one without an EMA copy, 16-bit compute copies holding the
+    gradients, and one 4 bytes into its storage, for which step() takes torch's path)."""
     torch.manual_seed(0)
     model, proj = nn.Linear(5, 4), nn.Linear(4, 2)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -2213,6 +2240,53 @@ def test_optimizer_step_torch_path_and_kernel():
         run_interpreted(OPTIM_KERNEL_CHECK, "optim ok")
     else:
         assert optim_kernel.triton is None
+
+
+def test_bf16_compute_copy_computes_what_autocast_does():
+    """train.bf16_compute_copy: the Linears that autocast casts are bf16 copies, every other
+    parameter is the model's own; under bf16 autocast the copy's velocity and every gradient are
+    bitwise those of the fp32 model (class- and text-conditional). optim_kernel.step with the copies
+    (torch's path here) updates the fp32 weights as from the fp32 gradients and rounds them into
+    the copies."""
+    from train import bf16_compute_copy
+    for name in ("XS/16", "T2I-XS/16"):
+        torch.manual_seed(0)
+        model = MODELS[name]()
+        for p in model.head.out.parameters():
+            nn.init.normal_(p, std=0.02)
+        net, pairs = bf16_compute_copy(model)
+        copy_of = dict(pairs)
+        assert {id(q) for q in copy_of.values()} == {id(m.weight) for m in net.modules() if isinstance(m, nn.Linear)
+                                                    and m.weight.dtype == torch.bfloat16} | {
+            id(m.bias) for m in net.modules() if isinstance(m, nn.Linear) and m.bias is not None
+            and m.bias.dtype == torch.bfloat16}
+        assert net.head.embed.weight is model.head.embed.weight  # the pixel-level Linears run in fp32
+        for p, q in zip(model.parameters(), net.parameters()):
+            assert torch.equal(q, p.to(torch.bfloat16)) if p in copy_of else q is p
+        x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+        y = torch.tensor([1, 3]) if model.text_dim is None else torch.randn(2, 128, model.text_dim)
+        outs = []
+        for m in (model, net):
+            with torch.autocast("cpu", torch.bfloat16):
+                v = m(x, t, y)
+            v.float().square().mean().backward()
+            outs.append((v, [copy_of[p].grad if m is net and p in copy_of else p.grad for p in model.parameters()]))
+            model.zero_grad(set_to_none=True)
+        assert torch.equal(outs[0][0], outs[1][0])
+        for a, b in zip(outs[0][1], outs[1][1]):
+            assert torch.equal(a, b.float())
+        # one optimizer step: from the copies' gradients as from the fp32 ones
+        ref = copy.deepcopy(model)
+        for p, g in zip(ref.parameters(), outs[0][1]):
+            p.grad = g
+        for p, (_, g) in zip(model.parameters(), zip(outs[0][1], outs[1][1])):
+            (copy_of[p] if p in copy_of else p).grad = g
+        for m, cp in ((ref, ()), (model, pairs)):
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+            ema = copy.deepcopy(m).requires_grad_(False)
+            optim_kernel.step(opt, ema, m, 0.9, 1.0, copies=cp)
+        for p, q in zip(ref.parameters(), model.parameters()):
+            assert torch.equal(p, q) and (q not in copy_of or torch.equal(copy_of[q], q.to(torch.bfloat16)))
 
 
 def test_bench_kernel_kinds():
