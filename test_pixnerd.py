@@ -1430,6 +1430,48 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
         assert f"done: 3 steps in {run_dir}" in f.read()
 
 
+DDP_HOOK_CHECK = """
+import sys, torch, torch.nn as nn, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from train import allreduce_fp32
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+net = nn.Linear(64, 512, bias=False).to(torch.bfloat16)  # the same weights on every rank
+x = [torch.randn(8, 64).to(torch.bfloat16) for _ in range(world)]  # each rank's batch
+grads = [torch.autograd.grad(net(xr).float().square().mean(), net.weight)[0].float() for xr in x]
+exact = sum(grads) / world
+# rounded once: within half of bf16's spacing at the value, plus the fp32 sum's own rounding
+ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp(min=1e-30))) - 7)
+bound = ulp / 2 + 2.0 ** -21 * sum(g.abs() for g in grads) / world
+ok = []
+for hook in (allreduce_fp32, None):
+    ddp = DDP(net)
+    if hook:
+        ddp.register_comm_hook(None, hook)
+    net.weight.grad = None
+    ddp(x[rank]).float().square().mean().backward()
+    ok.append(((net.weight.grad.float() - exact).abs() <= bound).float().mean().item())
+    dist.barrier()
+if rank == 0:
+    print("within one rounding of the fp32 average:", ok)
+    assert ok[0] == 1 and ok[1] < 1, ok  # DDP's bf16 sums round at each step
+    print("hook ok")
+"""
+
+
+def test_ddp_averages_bf16_gradients_in_fp32(tmp_path):
+    """train.allreduce_fp32, DDP's hook for the bf16 compute copies: with three processes (gloo)
+    the gradient is the fp32 average of the processes' gradients rounded once to bf16 (all but a
+    rare tie that the order of the fp32 sum decides), where DDP's own bf16 reduction is not."""
+    script = tmp_path / "hook_check.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\n" + DDP_HOOK_CHECK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", f"--master_port={free_port()}", str(script)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "hook ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
 def test_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     common = ("--global-batch-size", 4, "--log-every", 1, "--ckpt-every", 100)

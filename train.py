@@ -308,6 +308,15 @@ def bf16_compute_copy(model):
     return net, pairs
 
 
+def allreduce_fp32(group, bucket):
+    """DDP communication hook: average a bucket of gradients in fp32 and round once to its dtype.
+    DDP would sum the bf16 copies' gradients in bf16, rounding at every hop of NCCL's ring."""
+    buf = bucket.buffer()
+    total = buf.float().div_(dist.get_world_size(group))
+    fut = dist.all_reduce(total, group=group, async_op=True).get_future()
+    return fut.then(lambda f: buf.copy_(f.value()[0]))
+
+
 def main(args):
     ddp, rank, world, device = setup_distributed()
     cuda = device.type == "cuda"
@@ -451,7 +460,10 @@ def main(args):
     if args.compile and cuda:  # regional: one compiled block serves all of them
         net.compile_regions(**({"mode": "reduce-overhead"} if graphs else {}))
     train_obj = Objective(net, projector)
-    train_obj = DDP(train_obj, device_ids=[device.index] if cuda else None) if ddp else train_obj
+    if ddp:
+        train_obj = DDP(train_obj, device_ids=[device.index] if cuda else None)
+        if copies:
+            train_obj.register_comm_hook(None, allreduce_fp32)
     model_params, ema_params = list(model.parameters()), list(ema.parameters())  # for optim_kernel.step
     n_params = sum(p.numel() for p in model_params)
     flops = count_flops(config, size)
