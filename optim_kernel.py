@@ -14,7 +14,7 @@ The state lives in the torch.optim.AdamW object as its fused version keeps it, s
 not depend on which path ran, and `opt.step()` could take over at any step.
 With bf16 compute copies (train.bf16_compute_copy: the copy runs forward and backward, the fp32
 weights stay with the optimizer) the kernel reads the copy's bf16 gradient in place of g and
-writes the updated weight, rounded, into the copy: 38 bytes a parameter, and no casts elsewhere.
+writes the updated weight, rounded, into the copy: 36 bytes a parameter still, and no casts elsewhere.
 Off the GPU, without Triton, for options this kernel does not have (amsgrad, maximize, non-fp32
 parameters) or a tensor that is not 16-byte aligned, step() runs the same update through torch.
 
@@ -63,11 +63,12 @@ def step(opt, ema, model, decay, max_norm=None, kernel=None, copies=()):
 
 
 def supported(opt, params=None, grads=None, copy_of=None):
-    """The kernel's case: fp32 CUDA parameters and gradients on one device, contiguous (or 16-bit
-    gradients and copies, all bf16 or all fp16, where a parameter has a compute copy), the step counts there too (as
-    torch's fused AdamW keeps them; load_state_dict puts the moments on the parameters' device and
-    dtype); AdamW without amsgrad or maximize, a plain number for the learning rate. params: those
-    of opt with a gradient, grads: each one's gradient, copy_of: the compute copies (as step())."""
+    """The kernel's case: fp32 CUDA parameters and gradients on one device, contiguous (16-bit
+    gradients and copies, all bf16 or all fp16, where a parameter has a compute copy), the step
+    counts there too (as torch's fused AdamW keeps them; load_state_dict puts the moments on the
+    parameters' device and dtype); AdamW without amsgrad or maximize, a plain number for the
+    learning rate. params: those of opt with a gradient, grads: each one's gradient, copy_of: the
+    compute copies (as in step())."""
     copy_of = copy_of or {}
     if grads is None:
         grads = {p: copy_of[p].grad if p in copy_of else p.grad for g in opt.param_groups for p in g["params"]}
@@ -117,8 +118,9 @@ def _fused_step(opt, ema_of, w, max_norm, params, grads, copy_of):
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     # every tensor as its element offset from one fp32 tensor (16-bit ones: from one 16-bit tensor):
-    # offsets that are multiples of 16 bytes tell the compiler that each is aligned (vector loads),
-    # which pointers read from memory cannot. A launch per group and kind (fp32 or bf16 gradients).
+    # offsets hinted as multiples of 16 bytes (8 for the 16-bit ones) tell the compiler that each is
+    # aligned (vector loads), which pointers read from memory cannot. A launch per group and kind
+    # (fp32 or 16-bit gradients).
     launches = []
     for group in opt.param_groups:
         for half in (False, True):
