@@ -424,7 +424,7 @@ def main(args):
         log.info(f"REPA on: DINOv2 from {args.repa_encoder}, block {model.align_layer}, weight {args.repa_weight}")
     else:
         log.info("REPA off (no --repa-encoder given): training with the flow-matching loss alone")
-    objective = Objective(model, projector)
+    objective = Objective(model, projector)  # AdamW's parameters: the fp32 weights and the projector
     opt = torch.optim.AdamW(objective.parameters(), lr=args.lr, betas=(0.9, args.beta2),
                             weight_decay=args.weight_decay, fused=cuda)
     step = 0
@@ -460,7 +460,7 @@ def main(args):
         log.info(f"CUDA graphs: {'on' if graphs else 'off (they need --compile on CUDA)'}")
     if args.compile and cuda:  # regional: one compiled block serves all of them
         net.compile_regions(**({"mode": "reduce-overhead"} if graphs else {}))
-    train_obj = Objective(net, projector)
+    train_obj = Objective(net, projector)  # what runs the step: the copies where there are any
     if ddp:
         train_obj = DDP(train_obj, device_ids=[device.index] if cuda else None)
         if copies:
