@@ -452,6 +452,8 @@ def main(args):
     # bf16 compute copies of the Linear weights under autocast; with --grad-accum the fp32 weights
     # run the step, so that the micro-batches' gradients add up in fp32
     net, copies = bf16_compute_copy(model) if cuda and args.grad_accum == 1 else (model, [])
+    if cuda:
+        log.info(f"bf16 compute copies: {f'{len(copies)} Linear tensors' if copies else 'off (--grad-accum > 1)'}")
     if args.kernel and cuda:  # fused Triton kernels (neural field, blocks); the torch path otherwise
         routed = sum(k.enable(m) for k in (nerf_kernel, block_kernel) for m in (net, ema))
         log.info(f"fused kernels: {'on' if routed else 'off (needs Triton)'}")
