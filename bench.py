@@ -100,6 +100,18 @@ def timed(fn, iters, warmup, device, profile=0):
     return dt, mem
 
 
+def conditions(model, batch, device):
+    """The condition and its CFG null for `batch` images: labels and the null class, or for
+    text-to-image models random text features with padding masks of lengths 3, 16, 40 and all (in
+    turn) and the empty prompt (zero features, no real tokens)."""
+    if model.text_dim is None:
+        return torch.randint(0, 1000, (batch,), device=device), torch.full((batch,), 1000, device=device)
+    L = model.text_pos.shape[1]
+    lengths = torch.tensor([3, 16, 40, L], device=device).repeat(-(-batch // 4))[:batch, None]
+    y = (torch.randn(batch, L, model.text_dim, device=device), torch.arange(L, device=device) < lengths)
+    return y, tuple(torch.zeros_like(v) for v in y)
+
+
 def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
     config = {"name": name, "kwargs": {"head": head}}
     model = MODELS[name](head=head).to(device)
@@ -110,7 +122,7 @@ def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
     objective = Objective(net, None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-    y = torch.randint(0, 1000, (batch,), device=device)
+    y, null = conditions(model, batch, device)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     model_params, ema_params = list(model.parameters()), list(ema.parameters())  # as train.py
 
@@ -118,7 +130,7 @@ def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
         if graphs == "on":  # as train.py
             torch.compiler.cudagraph_mark_step_begin()
         with autocast:
-            loss = objective(x, y, null=1000)["loss"]
+            loss = objective(x, y, null=null)["loss"]
         loss.backward()
         optim_kernel.step(opt, ema_params, model_params, 0.9999, kernel=None if kernel == "on" else False,
                           copies=copies)
@@ -140,8 +152,7 @@ def bench_sample(name, head, batch, size, how, kernel, graphs, args, device):
     model = MODELS[name](head=head).to(device).eval().requires_grad_(False)
     model = prepared(bf16_linears(model) if device.type == "cuda" else model, how, kernel)  # as sample.py
     noise = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    fn = guided(CUDAGraphs(model) if graphs == "on" else model, y, torch.full_like(y, 1000), 3.5, (0.1, 1.0))
+    fn = guided(CUDAGraphs(model) if graphs == "on" else model, *conditions(model, batch, device), 3.5, (0.1, 1.0))
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
     def run():
@@ -191,13 +202,8 @@ def check(name, head, batch, size, how, kernel, graphs, args, device):
         torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(4, 3, size, size, device=device)
     t = torch.rand(4, device=device)
-    if model.text_dim is None:  # the condition and the CFG null condition, as tuples of model arguments
-        y, null = (torch.randint(0, 1000, (4,), device=device),), (torch.full((4,), 1000, device=device),)
-    else:
-        L = model.text_pos.shape[1]
-        mask = torch.arange(L, device=device) < torch.tensor([[3], [16], [40], [L]], device=device)
-        y = (torch.randn(4, L, model.text_dim, device=device), mask)
-        null = (torch.zeros_like(y[0]), torch.zeros_like(mask))
+    cond = conditions(model, 4, device)
+    y = cond[0] if model.text_dim else cond[:1]  # the model's arguments after x and t
     autocast = torch.autocast(device.type, torch.bfloat16)
     with torch.no_grad():
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -233,7 +239,6 @@ def check(name, head, batch, size, how, kernel, graphs, args, device):
     with torch.no_grad(), autocast:
         r["bf16_vs_fp32_v"] = rel(model(x, t, *y), ref)
         if graphs == "on" and device.type == "cuda":  # sample.py's path: bf16 Linears, CUDA graphs
-            cond = (y, null) if model.text_dim else (y[0], null[0])
             fn = guided(model, *cond, 3.5, (0.1, 1.0))
             fast = guided(CUDAGraphs(bf16_linears(copy.deepcopy(model))), *cond, 3.5, (0.1, 1.0))
             r["sample_py_vs_plain_sample"] = rel(sample(fast, x, 10), sample(fn, x, 10))

@@ -2134,14 +2134,16 @@ def test_sample_compile_flag():
 
 
 def test_bench_cli_prints_train_and_sample_rows(tmp_path):
-    r = cli("bench.py", "--model", "XS/16", "--image-size", 32, "--batch-size", 2, "--iters", 1, "--warmup", 0,
-            "--sample-steps", 2, "--what", "train", "sample", "--compile", "none", cwd=tmp_path)
+    """Class and text conditions (a text-to-image model trains and samples on random text features)."""
+    r = cli("bench.py", "--model", "XS/16", "T2I-XS/16", "--image-size", 32, "--batch-size", 5, "--iters", 1,
+            "--warmup", 0, "--sample-steps", 2, "--what", "train", "sample", "--compile", "none", cwd=tmp_path)
     rows = [line.split() for line in r.stdout.splitlines() if not line.startswith("#")]
-    assert [row[0] for row in rows] == ["train", "sample"]
-    assert all(row[1] == "XS/16" and "img_per_s" in row for row in rows)
-    cells = rows[0][rows[0].index("|") + 1:]  # "... batch 2 | k v k v"
-    values = dict(zip(cells[::2], map(float, cells[1::2])))
-    assert values["img_per_s"] > 0 and values["s_per_iter"] > 0
+    assert [row[:2] for row in rows] == [["train", "XS/16"], ["train", "T2I-XS/16"], ["sample", "XS/16"],
+                                         ["sample", "T2I-XS/16"]]
+    for row in rows:
+        cells = row[row.index("|") + 1:]  # "... batch 5 | k v k v"
+        values = dict(zip(cells[::2], map(float, cells[1::2])))
+        assert values["img_per_s"] > 0 and values.get("s_per_iter", values.get("s_per_step")) > 0
 
 
 def test_flop_count_leaves_out_swiglu_padding():
