@@ -63,8 +63,8 @@ def training_losses(model, x, y, null=None, p_uncond=0.1, t=None, noise=None, t_
         t = sample_t(x.shape[0], t_mean, t_std, t_shift, x.device, generator)
     if noise is None:
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-    tb = t.view(-1, 1, 1, 1).to(x.dtype)
-    x_t = tb * x + (1 - tb) * noise                # the linear path between noise and data
+    tb = t.view(-1, 1, 1, 1)  # not rounded to a 16-bit x's dtype: the model gets this t
+    x_t = (tb * x + (1 - tb) * noise).to(x.dtype)  # Eq. 1 with alpha_t = t, sigma_t = 1 - t
     target = x - noise                             # its velocity dx_t/dt
     cond = y if isinstance(y, tuple) else (y,)  # labels, or (text features, text mask)
     out = model(x_t, t, *cond, return_align=repa_target is not None, **model_kwargs)

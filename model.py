@@ -73,7 +73,10 @@ def apply_rope(x, cos, sin):
     """Rotate interleaved pairs (a, b) of x (B, N, heads, hd) to (a cos - b sin, a sin + b cos),
     angles from (cos, sin) (N, hd/2). Written as x * (c, c) + (b, a) * (-s, s): Inductor turns
     the pair swap into one load per element, a third faster than building (-b, a) with a stack
-    (and the form that stacked both rotated halves took 30% of an L/16 batch-128 forward)."""
+    (and the form that stacked both rotated halves took 30% of an L/16 batch-128 forward).
+    The official code rotates in fp32 and rounds once (spec Sec. 2.2); here the rotation runs in
+    x's dtype, so under bf16 autocast the products round too: on bf16 q of 64- or 72-channel heads
+    the error against fp64 is 2.8e-3 against 2.3e-3. In fp32 the two are the same computation."""
     cos = cos.repeat_interleave(2, -1)[:, None].to(x.dtype)                   # (N, 1, hd): c, c
     sin = torch.stack([-sin, sin], -1).flatten(-2)[:, None].to(x.dtype)        # -s, s
     return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin

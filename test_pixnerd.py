@@ -97,6 +97,15 @@ def tiny_model(**kw):
     return model.eval()
 
 
+def live(model, std=0.1):
+    """model with its zero-initialised output layer drawn random, so that its velocity is not 0
+    whatever the rest computes (a fresh PixNerd outputs exactly 0)."""
+    with torch.no_grad():
+        for p in model.head.out.parameters():
+            p.normal_(0, std)
+    return model
+
+
 def dct_phi(r, c, ph, pw):
     """Spec Sec. 3.2 for one pixel, element by element: phi_{8a+b} = cos(pi f_a u_c) cos(pi f_b v_r)
     / (1 + f_a f_b), u_c = c / (pw - 1), v_r = r / (ph - 1), f = linspace(0, 8, 8)."""
@@ -306,6 +315,22 @@ def test_adams_coefficients():
 # Checkpoint conversion and loading
 # ---------------------------------------------------------------------------------------------
 
+def test_adams_time_is_float32_sum_of_steps():
+    """The official Adams sampler gives the model t accumulated by float32 additions of the steps,
+    Euler the grid times; at 7 steps with shift 3 the two differ in the last bit at steps 2 and 3."""
+    ts = samplers.time_grid(7, 3.0)
+    sums = [torch.zeros(())]
+    for i in range(7):
+        sums.append(sums[-1] + (ts[i + 1] - ts[i]))
+    sums = torch.stack(sums)
+    seen = {}
+    for solver in ("euler", "adams2"):
+        times = seen[solver] = []
+        samplers.sample(lambda x, t: times.append(t[0].item()) or -x, torch.ones(1), 7, solver, shift=3.0)
+    assert seen["euler"] == ts[:-1].tolist()
+    assert seen["adams2"] == sums[:-1].tolist() and seen["adams2"][2:4] != seen["euler"][2:4]
+
+
 def test_convert_official_takes_ema_weights_from_lightning_checkpoint():
     """A Lightning checkpoint converts to the ema_denoiser weights; denoiser and projector keys are ignored."""
     sd = golden("c2i_small")["state_dict"]
@@ -437,6 +462,10 @@ def test_guidance_interval_and_batching():
             assert len(calls) == 1 and calls[0][0] == 2 and torch.equal(calls[0][1], y)
             assert torch.allclose(v, model(x, at(t), y), atol=1e-6)
 
+        calls.clear()  # float32 t = 0.1, as the grid of 20 steps has it, is not inside (0.1, 1)
+        samplers.guided(recorded, y, null, 3.0, (0.1, 1.0))(x, at(0.1))
+        assert [n for n, _, _ in calls] == [2]
+
         calls.clear()
         v = fn(x, at(0.5))
         assert len(calls) == 1 and calls[0][0] == 4
@@ -461,6 +490,19 @@ def test_flow_matching_loss_zero_for_exact_velocity():
     assert flow.training_losses(exact, x, y, t=t, noise=noise)["loss"] < 1e-12
     loss = flow.training_losses(zero, x, y, t=t, noise=noise)["loss"]
     assert abs(loss.item() - (x - noise).pow(2).mean().item()) < 1e-5
+
+
+def test_bf16_images_mix_with_the_t_the_model_gets():
+    """x_t = t x + (1 - t) noise uses the float32 t that the model is given, not t rounded to a
+    bf16 image's dtype (0.3 would become 0.30078125)."""
+    torch.manual_seed(0)
+    x, noise = torch.randn(2, 3, 8, 8).bfloat16(), torch.randn(2, 3, 8, 8).bfloat16()
+    t, seen = torch.tensor([0.3, 0.7]), []
+    model = lambda x_t, t, y, return_align=False: seen.append(x_t) or torch.zeros_like(x_t)
+    flow.training_losses(model, x, torch.zeros(2, dtype=torch.long), t=t, noise=noise)
+    tb = t.view(-1, 1, 1, 1)
+    assert seen[0].dtype == torch.bfloat16
+    assert torch.equal(seen[0], (tb * x.float() + (1 - tb) * noise.float()).bfloat16())
 
 
 def test_repa_term_is_one_minus_cosine():
@@ -1978,10 +2020,11 @@ def test_fused_kernel_matches_torch_path_or_falls_back():
         run_interpreted(KERNEL_CHECK, "kernel ok")
     else:
         torch.manual_seed(0)
-        model = MODELS["XS/16"]().eval()
+        model = live(MODELS["XS/16"]().eval())
         x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
         with torch.no_grad():
             before = model(x, t, y)
+            assert before.abs().min() > 0
             assert not nerf_kernel.available() and nerf_kernel.enable(model) == 0
             assert torch.equal(model(x, t, y), before)
 
@@ -1989,9 +2032,7 @@ def test_fused_kernel_matches_torch_path_or_falls_back():
 def test_fused_hook_and_cpu_fallback():
     """NerfBlock.fused replaces patch_mlp when set, and fused_patch_mlp is patch_mlp off the GPU."""
     torch.manual_seed(0)
-    model = MODELS["XS/16"]().eval()
-    for p in model.head.out.parameters():
-        nn.init.normal_(p, std=0.1)
+    model = live(MODELS["XS/16"]().eval())
     x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
     with torch.no_grad():
         ref = model(x, t, y)
@@ -2071,9 +2112,10 @@ def test_block_kernels_match_torch_functions_or_fall_back():
         run_interpreted(BLOCK_KERNEL_CHECK, "block kernels ok")
     else:
         torch.manual_seed(0)
-        model = MODELS["XS/16"]()
+        model = live(MODELS["XS/16"]())
         x, t, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 2])
         before = model(x, t, y)
+        assert before.abs().min() > 0
         assert not block_kernel.available() and block_kernel.enable(model) == 0
         assert "modulate" not in model.blocks[0].__dict__ and torch.equal(model(x, t, y), before)
 
@@ -2113,9 +2155,7 @@ def test_bf16_linears_and_cuda_graphs_change_no_number():
     """sample.py's fast path: Linear weights stored in bf16 give under autocast exactly what autocast
     computes from fp32 weights (the residual stream stays fp32); CUDAGraphs is a plain call off the GPU."""
     torch.manual_seed(0)
-    model = MODELS["XS/16"]().eval().requires_grad_(False)
-    for p in model.head.out.parameters():
-        nn.init.normal_(p, std=0.1)
+    model = live(MODELS["XS/16"]().eval().requires_grad_(False))
     fast = sample.CUDAGraphs(sample.bf16_linears(MODELS["XS/16"]().eval().requires_grad_(False)))
     fast.model.load_state_dict(model.state_dict())
     assert fast.model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
@@ -2295,9 +2335,7 @@ def test_bf16_compute_copy_computes_what_autocast_does():
     from train import bf16_compute_copy
     for name in ("XS/16", "T2I-XS/16"):
         torch.manual_seed(0)
-        model = MODELS[name]()
-        for p in model.head.out.parameters():
-            nn.init.normal_(p, std=0.02)
+        model = live(MODELS[name](), std=0.02)
         net, pairs = bf16_compute_copy(model)
         copy_of = dict(pairs)
         assert {id(q) for q in copy_of.values()} == {id(m.weight) for m in net.modules() if isinstance(m, nn.Linear)
@@ -2398,9 +2436,7 @@ def test_text_mask_hides_padding():
     """With the padding mask, what the encoder put at padded positions cannot change the velocity;
     without it (the official behaviour) it does. A caption with no real token stays finite."""
     torch.manual_seed(0)
-    model = MODELS["T2I-XS/16"](text_dim=8, text_len=6).eval()
-    for p in model.head.out.parameters():
-        torch.nn.init.normal_(p, std=0.1)
+    model = live(MODELS["T2I-XS/16"](text_dim=8, text_len=6).eval())
     x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
     text = torch.randn(2, 6, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
