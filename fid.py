@@ -20,6 +20,7 @@ not quantified their effect on the printed numbers. TF32 is switched off so that
 """
 import argparse
 import functools
+import hashlib
 import importlib.util
 import os
 import warnings
@@ -220,9 +221,14 @@ def default_weight_paths():
     return paths
 
 
+def find_weights(path=None):
+    """--inception's path, else the first known file that exists (None if none): resolved before loading, so that
+    the stats cache can tell which weights computed it."""
+    return path or next((p for p in default_weight_paths() if os.path.isfile(p)), None)
+
+
 def load_inception(path=None, device="cpu"):
-    if path is None:
-        path = next((p for p in default_weight_paths() if os.path.isfile(p)), None)
+    path = find_weights(path)
     if path is None or not os.path.isfile(path):
         raise SystemExit((f"--inception {path}: no such file.\n" if path else "") + MISSING_WEIGHTS)
     if _is_torchscript(path):  # default_1.pt
@@ -235,7 +241,8 @@ def load_inception(path=None, device="cpu"):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise RuntimeError(f"{path}: not FID Inception weights (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise SystemExit(f"--inception {path}: not FID Inception weights "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -289,35 +296,63 @@ def compute_activations(model, batches, device="cpu", total=None):
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
+def image_files(folder):
+    """The folder's images, leaving out the NNNNNN.tmp.png that a killed sample.py may leave."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTS) and not os.path.splitext(f)[0].endswith(".tmp"))
+
+
+def _read_image(path):
+    try:
+        return np.asarray(Image.open(path).convert("RGB"))
+    except OSError as e:  # PIL's messages for a truncated or foreign file do not always name it
+        raise SystemExit(f"{path}: not a readable image ({e})")
+
+
 def image_batches(path, batch_size):
     """(number of batches, iterator of uint8 NHWC batches) from an image folder or an npz's arr_0. The npz is
-    streamed like ADM's reader, so 50k samples never sit in memory at once."""
+    streamed like ADM's reader, so 50k samples never sit in memory at once. An npz's arr_0 is checked at once, a
+    folder's images against its first as they are read (ADM's npz has one size; resizing would change the metric)."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
-        if not files:
-            raise SystemExit(f"{path}: no .png/.jpg images")
-        chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
-        return len(chunks), (np.stack([np.asarray(Image.open(f).convert("RGB")) for f in c]) for c in chunks)
+        files = image_files(path)
+        _check_count(path, len(files))
+        size = _read_image(files[0]).shape
+
+        def read(f):
+            image = _read_image(f)
+            if image.shape != size:
+                raise SystemExit(f"{f}: {image.shape[1]}x{image.shape[0]} pixels, but {files[0]} is "
+                                 f"{size[1]}x{size[0]}: all images of {path} must have one size")
+            return image
+        return -(-len(files) // batch_size), (np.stack([read(f) for f in files[i:i + batch_size]])
+                                              for i in range(0, len(files), batch_size))
 
     with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-        n_images = _npy_header(f)[0][0]
+        shape, fortran, dtype = _npy_header(f)
+    if fortran or len(shape) != 4 or shape[3] != 3 or dtype != np.uint8:
+        raise SystemExit(f"{path}: arr_0 is {'Fortran-order ' if fortran else ''}{dtype} {shape}, expected C-order "
+                         "(N, H, W, 3) uint8 images")
+    _check_count(path, shape[0])
 
     def from_npz():
         with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-            shape, dtype = _npy_header(f)
+            _npy_header(f)
             for i in range(0, shape[0], batch_size):
                 n = min(batch_size, shape[0] - i)
-                data = bytearray(f.read(n * int(np.prod(shape[1:])) * dtype.itemsize))  # writable for torch
-                yield np.frombuffer(data, dtype).reshape(n, *shape[1:])
-    return -(-n_images // batch_size), from_npz()
+                data = bytearray(f.read(n * int(np.prod(shape[1:]))))  # writable for torch
+                yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:])
+    return -(-shape[0] // batch_size), from_npz()
+
+
+def _check_count(path, n):
+    if n < 2:  # one image has no covariance, and scipy's sqrtm of a NaN matrix runs for many minutes
+        raise SystemExit(f"{path}: {n} image(s) (.png/.jpg in a folder, arr_0 in an npz); FID needs at least 2")
 
 
 def _npy_header(f):
     fmt = np.lib.format
     read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-    shape, fortran, dtype = read_header(f)
-    assert not fortran and not dtype.hasobject, "arr_0 must be a plain C-order array"
-    return shape, dtype
+    return read_header(f)  # shape, fortran_order, dtype
 
 
 def stats_path(path):
@@ -326,29 +361,61 @@ def stats_path(path):
     return path + ".folder.stats.npz" if os.path.isdir(path) else os.path.splitext(path)[0] + ".stats.npz"
 
 
-def load_stats(path, get_model, batch_size=64, device="cpu"):
+def cache_key(path, weights):
+    """Hash of the name, size and mtime of the npz or of each image of a folder, and of the weights file's real path,
+    size and mtime: a cache computed from other images or with other --inception weights is not reused."""
+    def stat(f):
+        st = os.stat(f)
+        return st.st_size, st.st_mtime_ns
+    images = [(os.path.basename(f), stat(f)) for f in (image_files(path) if os.path.isdir(path) else [path])]
+    inception = weights and os.path.isfile(weights) and (os.path.realpath(weights), stat(weights))
+    return hashlib.sha256(repr((images, inception)).encode()).hexdigest()
+
+
+def _read_cache(cache, key):
+    """The cached statistics, or None when there is no cache for `key`."""
+    if not os.path.isfile(cache):
+        return None
+    try:
+        with np.load(cache) as f:
+            return {k: f[k] for k in f.files if k != "cache_key"} if str(f.get("cache_key")) == key else None
+    except Exception as e:  # a cache is disposable: whatever is wrong with it (a torn write...), recompute it
+        warnings.warn(f"{cache}: unreadable ({e!r}); computing it again")
+        return None
+
+
+def load_stats(path, get_model, batch_size=64, device="cpu", weights=None):
     """mu, sigma, mu_s, sigma_s (+ 'acts' for P/R, 'logits' for IS when known) for a folder or npz.
     As ADM's read_statistics, an npz's own mu/sigma/mu_s/sigma_s are used as they are. Anything computed is cached
-    at <name>.stats.npz with the same keys (delete it to recompute); get_model() is called only when needed."""
+    at <name>.stats.npz with the same keys, valid for these images and these `weights` (the Inception file's path;
+    see cache_key); get_model() is called only when needed."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no such file or folder")
     given, has_images = {}, True
     if not os.path.isdir(path):
+        if not zipfile.is_zipfile(path):
+            raise SystemExit(f"{path}: not an image folder or a readable .npz")
         with np.load(path) as f:
-            given, has_images = {k: f[k] for k in f.files if k != "arr_0"}, "arr_0" in f.files
+            given = {k: f[k] for k in f.files if k not in ("arr_0", "cache_key")}
+            has_images = "arr_0" in f.files
     if "acts" in given or not has_images:
         if "mu" not in given:
             raise SystemExit(f"{path}: neither images (arr_0) nor statistics (mu, sigma)")
         return given
-    cache = stats_path(path)
-    if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(path):
-        with np.load(cache) as f:
-            computed = {k: f[k] for k in f.files}
-    else:
+    cache, key = stats_path(path), cache_key(path, weights)
+    computed = _read_cache(cache, key)
+    if computed is None:
         total, batches = image_batches(path, batch_size)
         computed = compute_activations(get_model(), batches, device, total)
         spatial = computed.pop("spatial")
         computed.update(mu=computed["acts"].mean(0), sigma=np.cov(computed["acts"], rowvar=False),
                         mu_s=spatial.mean(0), sigma_s=np.cov(spatial, rowvar=False))
-        np.savez(cache, **computed)
+        try:
+            with open(cache + ".tmp", "wb") as f:  # write-then-rename: a killed run leaves no torn cache
+                np.savez(f, cache_key=key, **computed)
+            os.replace(cache + ".tmp", cache)
+        except OSError as e:  # e.g. a read-only reference folder: the statistics are good, only the cache is lost
+            warnings.warn(f"{cache}: not written ({e})")
     return {**computed, **given}
 
 
@@ -436,10 +503,14 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size {args.batch_size}: must be at least 1")
     # cuDNN convs default to TF32 (10-bit mantissa) on Ampere+: keep full float32 like the TF evaluator.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    get_model = functools.cache(lambda: load_inception(args.inception, args.device))
-    stats = [load_stats(path, get_model, args.batch_size, args.device) for path in (args.samples, args.reference)]
+    weights = find_weights(args.inception)
+    get_model = functools.cache(lambda: load_inception(weights, args.device))
+    stats = [load_stats(path, get_model, args.batch_size, args.device, weights)
+             for path in (args.samples, args.reference)]
     results = evaluate(*stats, device=args.device)
     for name, value in results.items():
         print(f"{name:<10} {value:.4f}" if isinstance(value, float) else f"{name:<10} {value}")

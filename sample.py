@@ -7,9 +7,11 @@
 Our checkpoints and official Lightning .ckpt files load alike (EMA weights by default).
 In the many-images mode each image's noise and label depend on its index alone, and whole
 batches are dealt to ranks, so any world size writes the same images; a rerun skips what exists.
+The settings that made them are kept beside the folder (<folder>.json); a rerun with others stops.
 """
 import argparse
 import glob
+import hashlib
 import json
 import os
 
@@ -31,6 +33,14 @@ def to_uint8(x):
     return ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+def write_atomic(path, write):
+    """write(temporary path), then rename it to path: a killed run leaves the old file or the new
+    one, never half of one. The temporary name keeps the extension, which PIL and numpy go by."""
+    root, ext = os.path.splitext(path)
+    write(f"{root}.tmp{ext}")
+    os.replace(f"{root}.tmp{ext}", path)
+
+
 def save_grid(x, path, nrow=8):
     """Save images in [-1, 1] as one PNG grid with nrow images per row."""
     imgs = to_uint8(x).numpy()
@@ -41,7 +51,7 @@ def save_grid(x, path, nrow=8):
         r, col = divmod(i, nrow)
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = img
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    write_atomic(path, Image.fromarray(grid).save)
 
 
 def bf16_linears(model):
@@ -108,41 +118,83 @@ def newest_checkpoint(results_dir):
 
 
 def load_model(path, model_name=None, use_ema=True):
-    """(model, its training args) from our checkpoint or an official .ckpt."""
+    """(model, its training args) from our checkpoint or an official .ckpt; any other file is one
+    clear error, not a traceback."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f"--ckpt {path}: no such file")
-    if "model_config" in ckpt:  # ours
-        config = ckpt["model_config"]
-        if model_name and model_name != config["name"]:
-            raise SystemExit(f"--ckpt {path} is a {config['name']} model, not --model {model_name}")
-        model = MODELS[config["name"]](**config["kwargs"])
-        weights, train_args = ckpt["ema" if use_ema else "model"], ckpt["args"]
-    else:  # official: EMA weights are taken by convert_official when present
-        weights = convert_official(ckpt if use_ema else {k: v for k, v in ckpt.get("state_dict", ckpt).items()
-                                                         if not k.startswith("ema_denoiser.")})
-        if "text_embed.weight" in weights:  # the t2i model, trained last at 512 px, no text mask
-            model, train_args = MODELS[model_name or "XXL/16"](), {"image_size": 512, "text_mask": False}
-        else:
-            model = MODELS[model_name or "XL/16"](num_classes=weights["y_embedder.weight"].shape[0] - 1)
-            train_args = {"image_size": 256}
+    except Exception as e:  # torch's own message may suggest weights_only=False: not repeated here
+        raise SystemExit(f"--ckpt {path}: not a readable PyTorch checkpoint: cut short, or another kind of file "
+                         f"({type(e).__name__})")
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f"--ckpt {path}: not a PixNerd checkpoint (it holds a {type(ckpt).__name__})")
     try:
+        if "model_config" in ckpt:  # ours
+            config = ckpt["model_config"]
+            if model_name and model_name != config["name"]:
+                raise SystemExit(f"--ckpt {path} is a {config['name']} model, not --model {model_name}")
+            model = MODELS[config["name"]](**config["kwargs"])
+            weights, train_args = ckpt["ema" if use_ema else "model"], ckpt["args"]
+        else:  # official: EMA weights are taken by convert_official when present
+            weights = convert_official(ckpt if use_ema else {k: v for k, v in ckpt.get("state_dict", ckpt).items()
+                                                             if not k.startswith("ema_denoiser.")})
+            if "text_embed.weight" in weights:  # the t2i model, trained last at 512 px, no text mask
+                model, train_args = MODELS[model_name or "XXL/16"](), {"image_size": 512, "text_mask": False}
+            else:
+                model = MODELS[model_name or "XL/16"](num_classes=weights["y_embedder.weight"].shape[0] - 1)
+                train_args = {"image_size": 256}
         load_weights(model, weights)
-    except ValueError as e:
+    except ValueError as e:  # convert_official and load_weights say what does not fit
         raise SystemExit(f"--ckpt {path}: {e}")
+    except (AttributeError, KeyError, TypeError) as e:  # a dict of something else
+        raise SystemExit(f"--ckpt {path}: not a PixNerd checkpoint ({type(e).__name__}: {e})")
     return model.eval().requires_grad_(False), train_args
+
+
+def weights_hash(model):
+    """A short sha256 of the weights: tells a retrained, overwritten or other checkpoint from the
+    one whose images a sample folder holds, whatever its path or mtime."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def check_sample_dir(out_dir, settings, write):
+    """Stop unless the images already in out_dir were made with these settings: with the same ones
+    a rerun fills in the missing images, with others it would mix in stale ones. The settings go
+    to out_dir.json, beside the folder and its .npz, so the folder holds only the images."""
+    path, settings = f"{out_dir}.json", json.loads(json.dumps(settings))
+    old = None
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    if glob.glob(os.path.join(glob.escape(out_dir), "*.png")) and old != settings:
+        why = (f"no {path} says how they were made" if old is None else "they were made with " + ", ".join(
+            f"{k} {old.get(k)} (now {v})" for k, v in settings.items() if old.get(k) != v))
+        raise SystemExit(f"--sample-dir {out_dir}: holds images, but {why}: "
+                         "pass another --sample-dir, or delete the folder to sample it anew")
+    if write:
+        def dump(tmp):
+            with open(tmp, "w") as f:
+                json.dump(settings, f, indent=1)
+        write_atomic(path, dump)
 
 
 def read_prompts(args):
     """[(prompt, metadata)] from --prompt and --prompts (text lines, or GenEval's .jsonl)."""
     prompts = [(p, {"prompt": p}) for p in args.prompt or []]
     if args.prompts:
-        with open(args.prompts, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
-        jsonl = args.prompts.endswith(".jsonl")
-        prompts += [(json.loads(line)["prompt"], json.loads(line)) if jsonl else (line, {"prompt": line})
-                    for line in lines]
+        try:
+            with open(args.prompts, encoding="utf-8") as f:
+                lines = [line.strip() for line in f if line.strip()]
+            jsonl = args.prompts.endswith(".jsonl")
+            prompts += [(json.loads(line)["prompt"], json.loads(line)) if jsonl else (line, {"prompt": line})
+                        for line in lines]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--prompts {args.prompts}: {type(e).__name__}: {e}")
     if not prompts:
         raise SystemExit("a text-to-image checkpoint needs --prompt TEXT or --prompts FILE")
     return prompts
@@ -163,7 +215,22 @@ def setup_distributed():
     return ddp, rank, world, device
 
 
+def check_args(args):
+    """Flags that would fail only after the model is loaded, with a traceback, or not at all."""
+    for flag, v in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--num-samples", args.num_samples),
+                    ("--images-per-condition", args.images_per_condition)):
+        if v is not None and v < 1:
+            raise SystemExit(f"{flag} {v}: must be at least 1")
+    if args.shift is not None and not args.shift > 0:
+        raise SystemExit(f"--shift {args.shift}: must be positive")
+    if args.resolution and min(args.resolution) < 1:
+        raise SystemExit(f"--resolution {' '.join(map(str, args.resolution))}: sides must be positive")
+    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        raise SystemExit(f"--out {args.out}: not an image file name (e.g. sample.png)")
+
+
 def main(args):
+    check_args(args)
     ddp, rank, world, device = setup_distributed()
     cuda = device.type == "cuda"
 
@@ -172,6 +239,7 @@ def main(args):
         raise SystemExit(f"no checkpoint given and none found under {args.results_dir}/. "
                          "Train one first, e.g.: python train.py --model S/16, or pass --ckpt PATH")
     model, train_args = load_model(ckpt, args.model, not args.no_ema)
+    weights = weights_hash(model) if args.num_samples else None
     model.to(device)
     train_size, t2i = train_args["image_size"], model.text_dim is not None
     # the official defaults: c2i Euler, CFG 3.5 in (0.1, 1); t2i Adams-2, 25 steps, CFG 4 in (0, 1), shift 3
@@ -190,6 +258,11 @@ def main(args):
         model.compile(dynamic=False)
     net = CUDAGraphs(model) if args.cuda_graphs and cuda else model
     H, W = args.resolution or (train_size, train_size)
+    tokens = train_size // model.patch_size  # per side; the neural field decodes H / tokens pixels per token
+    if (H, W) != (train_size, train_size) and (H % tokens or W % tokens or model.head_type == "linear"):
+        raise SystemExit(f"--resolution {H} {W}: " + ("the linear-head baseline samples only at its training "
+                         f"size {train_size}" if model.head_type == "linear" else f"sides must be multiples of "
+                         f"{tokens}, the model's {tokens}x{tokens} token grid"))
     kwargs = {"size": (train_size, train_size)} if (H, W) != (train_size, train_size) else {}
     nc = model.num_classes
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
@@ -221,7 +294,7 @@ def main(args):
                     f.write(json.dumps(prompts[i][1]) + "\n")
                 x = generate(text([i], per), text([-1], per), list(range(per)))
                 for seed, img in enumerate(to_uint8(x).numpy()):
-                    Image.fromarray(img).save(os.path.join(d, "samples", f"{seed:04d}.png"))
+                    write_atomic(os.path.join(d, "samples", f"{seed:04d}.png"), Image.fromarray(img).save)
             print(f"saved {len(prompts)} x {per} images under {out_dir}/") if rank == 0 else None
         elif rank == 0:  # one grid: a row of seeds 0.. per prompt
             x = generate(text(list(range(len(prompts))), per), text([-1], len(prompts) * per),
@@ -232,6 +305,9 @@ def main(args):
 
     if not args.num_samples:  # one grid
         per = args.images_per_condition or 1
+        bad = [c for c in args.class_labels or [] if not 0 <= c < nc]
+        if bad:  # label nc is the null class: its images would be unconditional
+            raise SystemExit(f"--class-labels {' '.join(map(str, bad))}: labels are 0 to {nc - 1} for this model")
         labels = torch.tensor(args.class_labels or list(range(min(nc, 8)))).repeat_interleave(per)
         y = labels.to(device)
         x = generate(y, torch.full_like(y, nc), [args.seed * 1_000_003 + i for i in range(len(labels))])
@@ -240,9 +316,14 @@ def main(args):
             print(f"saved {args.out}")
         return
 
-    out_dir = args.sample_dir or os.path.splitext(ckpt)[0] + f"-{args.solver}{args.steps}-cfg{args.cfg_scale}-{H}x{W}"
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.normpath(args.sample_dir or os.path.splitext(ckpt)[0] +
+                               f"-{args.solver}{args.steps}-cfg{args.cfg_scale}-{H}x{W}")
     n, bs = args.num_samples, args.batch_size
+    check_sample_dir(out_dir, {"checkpoint weights (sha256)": weights, "--no-ema": args.no_ema,
+                               "--num-samples": n, "--seed": args.seed, "--solver": args.solver, "--steps": args.steps,
+                               "--cfg-scale": args.cfg_scale, "--cfg-interval": args.cfg_interval,
+                               "--shift": args.shift, "--resolution": [H, W]}, write=rank == 0)
+    os.makedirs(out_dir, exist_ok=True)
     todo = [b for b in range(rank, -(-n // bs), world)  # whole batches dealt round-robin to ranks
             if not all(os.path.exists(f"{out_dir}/{i:06d}.png") for i in range(b * bs, min(n, (b + 1) * bs)))]
     for b in tqdm(todo, disable=rank != 0, desc=f"sampling to {out_dir}"):
@@ -253,13 +334,12 @@ def main(args):
         for i, img in zip(idx, imgs):  # write-then-rename: a killed run leaves no half PNG
             if os.path.exists(f"{out_dir}/{i:06d}.png"):
                 continue  # an earlier run wrote it: a rerun writes only the missing images
-            Image.fromarray(img).save(f"{out_dir}/{i:06d}.tmp.png")
-            os.replace(f"{out_dir}/{i:06d}.tmp.png", f"{out_dir}/{i:06d}.png")
+            write_atomic(f"{out_dir}/{i:06d}.png", Image.fromarray(img).save)
     if ddp:
         dist.barrier()
     if rank == 0:
         arr = np.stack([np.asarray(Image.open(f"{out_dir}/{i:06d}.png")) for i in range(n)])
-        np.savez(f"{out_dir}.npz", arr_0=arr)
+        write_atomic(f"{out_dir}.npz", lambda tmp: np.savez(tmp, arr_0=arr))  # fid.py never sees half of one
         print(f"saved {n} images to {out_dir}/ and {out_dir}.npz {arr.shape}")
     if ddp:
         dist.destroy_process_group()
@@ -287,7 +367,7 @@ def get_parser():
                    help="sample at another size than trained, without retraining")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-samples", type=int, default=0, help="write this many PNGs and an .npz")
+    p.add_argument("--num-samples", type=int, default=None, help="write this many PNGs and an .npz")
     p.add_argument("--sample-dir", default=None)
     p.add_argument("--out", default="sample.png", help="the grid's path")
     p.add_argument("--compile", nargs="?", const="regions", choices=["regions", "full"], default=None,

@@ -942,11 +942,119 @@ def test_cli_prints_table(monkeypatch, tmp_path, capsys):
     assert results["FID"] > 0.1 and "IS         n/a (no logits)" in capsys.readouterr().out
 
 
+def test_stats_cache_is_keyed_on_the_inception_weights(monkeypatch, tmp_path):
+    """A statistics cache made with other Inception weights is computed again, not reused; one made
+    with the same weights file is reused until that file changes."""
+    np.savez(tmp_path / "samples.npz", arr_0=_images(n=20, seed=4))
+    np.savez(tmp_path / "ref.npz", arr_0=_images(n=20, seed=5))
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    a.write_bytes(b"a")
+    b.write_bytes(b"bb")
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: TinyNet(logits=path == str(a)))
+    args = [str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "--device", "cpu", "--inception"]
+    assert isinstance(fid.main(args + [str(a)])["IS"], float)
+    assert fid.main(args + [str(b)])["IS"] == "n/a (no logits)"  # computed again with b, not a's cache
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: _no_model())
+    assert fid.main(args + [str(b)])["IS"] == "n/a (no logits)"  # b's own cache is reused
+    b.write_bytes(b"bbb")  # the weights file changed
+    with pytest.raises(AssertionError, match="should not be needed"):
+        fid.main(args + [str(b)])
+
+
+def test_stats_cache_is_keyed_on_the_input_not_on_mtime_order(tmp_path):
+    """Other images in the input are seen even when their file is older than the cache (as `cp -p`
+    leaves it): the cache is keyed on the input's size and time, not on which file is newer."""
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=_images(n=20, seed=6))
+    old = os.stat(samples).st_mtime_ns - 10**9
+    fid.load_stats(str(samples), lambda: TinyNet())
+    np.savez(samples, arr_0=_images(n=20, seed=7))  # other images of the same size...
+    os.utime(samples, ns=(old, old))  # ...with an older mtime, as `cp -p` or an archive restore leaves them
+    stats = fid.load_stats(str(samples), lambda: TinyNet())
+    expected = TinyNet()(fid.preprocess(_images(n=20, seed=7)))[0].numpy()
+    np.testing.assert_allclose(stats["acts"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_stats_cache_write_is_atomic_and_a_bad_cache_is_recomputed(monkeypatch, tmp_path):
+    """A write killed halfway leaves no torn cache; a torn cache is computed again with a warning; a
+    cache that cannot be written still gives the statistics."""
+    samples = str(tmp_path / "samples.npz")
+    np.savez(samples, arr_0=_images())
+    cache = tmp_path / "samples.stats.npz"
+    real_savez = np.savez
+
+    def killed_while_writing(file, **arrays):
+        data = io.BytesIO()
+        real_savez(data, **arrays)
+        torn = data.getvalue()[:200]
+        cache.write_bytes(torn) if isinstance(file, str) else file.write(torn)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fid.np, "savez", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        fid.load_stats(samples, lambda: TinyNet())
+    monkeypatch.undo()
+    stats = fid.load_stats(samples, lambda: TinyNet())  # no torn cache was left behind
+    with np.load(cache) as f:
+        assert {"mu", "sigma", "acts"} <= set(f.files)
+
+    cache.write_bytes(cache.read_bytes()[:300])  # a cache torn some other way is computed again, with a warning
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = fid.load_stats(samples, lambda: TinyNet())
+    np.testing.assert_array_equal(again["acts"], stats["acts"])
+    np.testing.assert_array_equal(fid.load_stats(samples, _no_model)["acts"], stats["acts"])  # and rewritten
+
+    cache.unlink()
+    cache.mkdir()  # the cache cannot be written: the statistics are still returned
+    with pytest.warns(UserWarning, match="not written"):
+        np.testing.assert_array_equal(fid.load_stats(samples, lambda: TinyNet())["acts"], stats["acts"])
+
+
+def test_fid_inputs_it_cannot_score_are_refused_naming_the_path(tmp_path):
+    """What fid.py cannot score stops with one message naming the path: one image (no covariance), a
+    grayscale or float npz, a missing path, an image given as the input, a folder of two sizes, and
+    --batch-size 0. The temporary PNG a killed sample.py may leave is not counted."""
+    np.savez(tmp_path / "one.npz", arr_0=_images(n=1))  # no covariance: scipy's sqrtm would hang on the NaNs
+    with pytest.raises(SystemExit, match=r"one\.npz: 1 image.*at least 2"):
+        fid.load_stats(str(tmp_path / "one.npz"), lambda: TinyNet())
+    (tmp_path / "single").mkdir()
+    Image.fromarray(_images(n=1)[0]).save(tmp_path / "single" / "00000.png")
+    with pytest.raises(SystemExit, match=r"single: 1 image.*at least 2"):
+        fid.load_stats(str(tmp_path / "single"), lambda: TinyNet())
+
+    np.savez(tmp_path / "gray.npz", arr_0=_images(n=4)[..., 0])
+    np.savez(tmp_path / "float.npz", arr_0=_images(n=4) / 255.0)
+    for name, shape in [("gray", r"\(4, 24, 20\)"), ("float", r"\(4, 24, 20, 3\)")]:
+        with pytest.raises(SystemExit, match=rf"{name}\.npz: arr_0 is .*{shape}, expected .*\(N, H, W, 3\) uint8"):
+            fid.load_stats(str(tmp_path / f"{name}.npz"), _no_model)
+
+    with pytest.raises(SystemExit, match=r"nope\.npz: no such file"):
+        fid.load_stats(str(tmp_path / "nope.npz"), _no_model)
+    Image.fromarray(_images(n=1)[0]).save(tmp_path / "image.png")
+    with pytest.raises(SystemExit, match=r"image\.png: not an image folder or a readable \.npz"):
+        fid.load_stats(str(tmp_path / "image.png"), _no_model)
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, im in enumerate(_images(n=3)):
+        Image.fromarray(im).save(folder / f"{i:05d}.png")
+    Image.fromarray(np.zeros((30, 20, 3), np.uint8)).save(folder / "00003.png")
+    with pytest.raises(SystemExit, match=r"00003\.png: 20x30 pixels, but .*00000\.png is 20x24"):
+        fid.load_stats(str(folder), lambda: TinyNet(), batch_size=2)
+
+    with pytest.raises(SystemExit, match="--batch-size 0"):
+        fid.main([str(folder), str(folder), "--batch-size", "0"])
+
+    (folder / "00003.png").rename(folder / "00003.tmp.png")  # a killed sample.py's half-written file
+    assert fid.image_batches(str(folder), 2)[0] == 2  # 3 images in 2 batches
+
+
+DINO_TINY = dict(embed_dim=32, depth=2, num_heads=4, patch_size=14, img_size=14 * 8)  # an 8x8 position table
+
+
 # =============================================================================================
 # dinov2.py: the REPA target network
 # =============================================================================================
-
-DINO_TINY = dict(embed_dim=32, depth=2, num_heads=4, patch_size=14, img_size=14 * 8)  # an 8x8 position table
 
 
 def tiny(seed=0):
@@ -1201,11 +1309,37 @@ def test_import_does_not_load_transformers():
     assert r.returncode == 0, r.stderr
 
 
+def test_caption_cache_keeps_old_rows_when_new_prompts_are_encoded(tmp_path, monkeypatch):
+    """Sampling new prompts with the training run's --text-cache adds their features to it: the
+    training captions' rows stay (bitwise), so a resumed run still finds them without an encoder,
+    and only the new captions are encoded. A cache of another text length is refused, untouched."""
+    import text_encoder
+    enc = make()
+    monkeypatch.setattr(text_encoder, "load_text_encoder", lambda path, max_length, **kw: enc)
+    cache = str(tmp_path / "captions.pt")
+    train_captions = ["red disc", "green square", "blue triangle"]
+    feats, masks = text_encoder.caption_features(train_captions, "tiny", L, cache)
+    calls = enc.model.calls
+    text_encoder.caption_features(["a new prompt", "red disc"], "tiny", L, cache)  # as sample.py does
+    assert enc.model.calls == calls + 1  # one batch: only "a new prompt" was encoded
+    saved = torch.load(cache, weights_only=True)
+    assert saved["captions"] == train_captions + ["", "a new prompt"]
+    again, again_masks = text_encoder.caption_features(train_captions, None, L, cache)  # train.py --resume
+    assert torch.equal(again, feats) and torch.equal(again_masks, masks)
+    assert sorted(os.listdir(tmp_path)) == ["captions.pt"]  # no temporary file left
+
+    before = open(cache, "rb").read()
+    with pytest.raises(SystemExit, match="--text-cache"):
+        text_encoder.caption_features(["x"], "tiny", L + 1, cache)
+    assert open(cache, "rb").read() == before
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 # =============================================================================================
 # data/: dataset preparation scripts
 # =============================================================================================
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load(name):
@@ -1777,6 +1911,127 @@ def test_cache_gives_the_same_batches_as_the_folder(tmp_path):
                         load_ckpt(os.path.join(run_c, "ckpt-last.pt"))["model"])
 
 
+def no_run_folder(results):
+    """No run folder was made under results (an error came before it)."""
+    return not os.path.exists(results) or not os.listdir(results)
+
+
+def test_cache_made_of_other_images_is_refused(tmp_path):
+    """--cache made at another --image-size or from another --data-path (the same images elsewhere, or
+    one image more) stops naming the cache, before a run folder; the cache's own folder is made."""
+    data = clean_folder(tmp_path / "data")
+    cache = tmp_path / "new" / "dir" / "cache.npy"  # its folder is made
+    common = ("--data-path", data, "--cache", cache, "--global-batch-size", 2, "--max-steps", 1)
+    run_train(tmp_path / "results", *common)
+    assert os.path.isfile(cache)
+    other = shutil.copytree(data, tmp_path / "other")  # the same images elsewhere
+    more = shutil.copytree(data, tmp_path / "more")
+    write_image(more / "a" / "extra.png", Image.new("RGB", (40, 40), (1, 2, 3)))
+    for bad in (("--image-size", 64), ("--data-path", other), ("--data-path", more)):
+        with pytest.raises(SystemExit) as err:
+            run_train(tmp_path / "bad", *common, *bad)
+        assert err.value.code.startswith(f"--cache {cache}:") and str(bad[1]) in err.value.code, bad
+        assert no_run_folder(tmp_path / "bad"), bad
+    with pytest.raises(SystemExit, match="--cache .*must be a .npy file"):
+        run_train(tmp_path / "bad", *common, "--cache", tmp_path / "cache.dat")
+
+
+def test_resume_refuses_flags_that_differ_from_the_run(tmp_path):
+    """--resume with a flag that differs from the run's (given explicitly, even at the parser's default)
+    names each one and touches nothing; the run's own values and the flags a resume may change run."""
+    run_dir = run_train(tmp_path, "--global-batch-size", 2, "--max-steps", 1, "--lr", 1e-3, "--seed", 3)
+    before = os.stat(os.path.join(run_dir, "ckpt-last.pt")).st_mtime_ns
+    # --seed 0 is the parser's default value, but given on the command line: refused as well
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path, "--resume", run_dir, "--max-steps", 2, "--lr", 5, "--seed", 0)
+    assert "--lr 5.0: the run has 0.001" in err.value.code and "--seed 0: the run has 3" in err.value.code
+    assert os.stat(os.path.join(run_dir, "ckpt-last.pt")).st_mtime_ns == before
+    # the run's own values, and the flags a resume may change, are fine
+    run_train(tmp_path, "--resume", run_dir, "--max-steps", 2, "--lr", 1e-3, "--seed", 3, "--log-every", 1)
+    ckpt = load_ckpt(os.path.join(run_dir, "ckpt-last.pt"))
+    assert ckpt["step"] == 2 and ckpt["args"]["lr"] == 1e-3 and ckpt["args"]["seed"] == 3
+
+
+@pytest.mark.parametrize("flag, make", [
+    ("--init-from", "missing"), ("--init-from", "png"), ("--init-from", "other state dict"),
+    ("--init-from", "other model"), ("--repa-encoder", "missing"), ("--repa-encoder", "png"),
+    ("--text-encoder", "missing")])
+def test_bad_weight_file_is_one_clear_error_before_a_run_folder(trained, tmp_path, flag, make):
+    """A missing, foreign or misfitting weights file is one SystemExit naming the flag and the path,
+    raised before a run folder is made."""
+    path = tmp_path / "weights.pt"
+    if make == "png":
+        Image.new("RGB", (8, 8)).save(path, format="PNG")
+    elif make == "other state dict":
+        torch.save({"a.weight": torch.zeros(2, 2)}, path)
+    elif make == "other model":
+        path = trained[1]  # an XS/16 checkpoint, for S/16
+    extra = {"--text-encoder": ("--model", "T2I-XS/16"), "--init-from": ("--model", "S/16")}.get(flag, ())
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path / "results", flag, path, *extra, "--global-batch-size", 2, "--max-steps", 1)
+    assert str(err.value).startswith(f"{flag} ") and str(path) in str(err.value)
+    assert no_run_folder(tmp_path / "results")
+
+
+@pytest.mark.parametrize("flag, value", [("--image-size", 40), ("--log-every", 0), ("--ckpt-every", 0),
+                                         ("--sample-every", 0), ("--grad-accum", 0), ("--global-batch-size", 0),
+                                         ("--num-workers", -1)])
+def test_bad_number_is_one_clear_error_before_a_run_folder(tmp_path, flag, value):
+    """A size that is no multiple of the patch, a zero interval, batch or accumulation count, or a
+    negative worker count is one SystemExit naming the flag, before a run folder."""
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path, "--global-batch-size", 2, "--max-steps", 1, flag, value)
+    assert isinstance(err.value.code, str) and err.value.code.startswith(f"{flag} {value}: ")
+    assert no_run_folder(tmp_path)
+
+
+def test_resume_after_metrics_line_cut_off(tmp_path):
+    """A half-written last line of metrics.jsonl (power lost) is dropped on resume."""
+    run_dir = run_train(tmp_path, "--global-batch-size", 2, "--max-steps", 2, "--log-every", 1)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    with open(path, "a") as f:  # power lost in the middle of step 3's line
+        f.write('{"loss": 1.2, "fm": 1.')
+    run_train(tmp_path, "--resume", run_dir, "--max-steps", 3)
+    assert [row["step"] for row in metrics(run_dir)] == [1, 2, 3]
+
+
+def test_skipped_images_count_the_whole_run_across_a_resume(tmp_path):
+    """skipped_images counts the whole run: a resumed run logs what an uninterrupted one does."""
+    data = messy_folder(tmp_path / "data")  # two unreadable files of eight: each epoch (2 steps) skips 2
+    common = ("--data-path", data, "--global-batch-size", 4, "--log-every", 1)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        whole = run_train(tmp_path / "whole", *common, "--max-steps", 4)
+        part = run_train(tmp_path / "part", *common, "--max-steps", 2)
+        run_train(tmp_path / "part", "--resume", part, "--max-steps", 4)
+    counts = [row["skipped_images"] for row in metrics(whole)]
+    assert counts == [row["skipped_images"] for row in metrics(part)] and counts[-1] == 4
+    assert load_ckpt(os.path.join(part, "ckpt-last.pt"))["skipped_images"] == 4
+
+
+def test_run_numbers_go_on_after_999(tmp_path):
+    """Run folders are numbered by their integer prefix, so 1000-* is followed by 1001-*."""
+    for name in ("999-XS-16", "1000-XS-16", "notes"):
+        os.makedirs(tmp_path / name)
+    run_dir = run_train(tmp_path, "--global-batch-size", 2, "--max-steps", 1)
+    assert os.path.basename(run_dir) == "1001-XS-16"
+    assert train.newest_run(str(tmp_path)) == train.newest_run(str(tmp_path), with_checkpoint=True) == run_dir
+
+
+def test_16_bit_images_scale_to_8_bits_and_float_images_are_skipped(tmp_path):
+    """A 16-bit grayscale PNG is scaled to 8 bits (PIL would clip it to white); a float TIFF, which
+    PIL would clip to black, is skipped with the unreadable-image warning."""
+    root = tmp_path / "data"
+    write_image(root / "a" / "0_gray16.png", Image.fromarray(np.full((40, 30), 128 * 257, np.uint16)))
+    write_image(root / "a" / "1_float.tif", Image.fromarray(np.full((40, 30), 0.5, np.float32)))
+    write_image(root / "a" / "2_rgb.png", Image.new("RGB", (30, 40), (10, 20, 30)))
+    ds = train.ImageFolder(str(root), 32)
+    x, _, bad = ds[0]
+    assert bad == 0 and (x == 128).all()
+    with pytest.warns(UserWarning, match="skipping unreadable image .*1_float.tif"):
+        x, _, bad = ds[1]
+    assert bad == 1 and (x == torch.tensor([10, 20, 30]).view(3, 1, 1)).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # sample.py
 # ---------------------------------------------------------------------------------------------
@@ -1857,6 +2112,91 @@ def test_sample_at_another_resolution(trained, tmp_path):
     run_sample("--ckpt", ckpt, "--steps", 2, "--resolution", 64, 48, "--class-labels", 0, 1, "--out",
                tmp_path / "g.png")
     assert png_size(tmp_path / "g.png") == grid_size(2, 2, 48)[:1] + (64 + 4,)  # H 64, W 48
+
+
+def test_sample_dir_of_other_settings_is_refused(trained, tmp_path):
+    """A folder of samples made with other settings (seed, count, weights, EMA, ...) is not reused
+    silently: sample.py names what differs and points to --sample-dir, and writes nothing. The same
+    settings resume, as before; a folder of images with no record of its settings is refused."""
+    _, ckpt = trained
+    out = tmp_path / "s"
+    argv = ["--ckpt", ckpt, "--steps", 2, "--num-samples", 4, "--batch-size", 4, "--sample-dir", out]
+    run_sample(*argv)
+    npz = (tmp_path / "s.npz").read_bytes()
+    names = sorted(os.listdir(out))
+    retrained = load_ckpt(ckpt)
+    retrained["ema"] = retrained["model"]  # other weights at the same path: the file was overwritten
+    torch.save(retrained, tmp_path / "same-path.pt")
+    for extra, what in ((["--seed", 1], "--seed"), (["--num-samples", 12], "--num-samples"),
+                        (["--no-ema"], "--no-ema"), (["--cfg-interval", 0, 1], "--cfg-interval"),
+                        (["--shift", 2], "--shift"), (["--ckpt", tmp_path / "same-path.pt"], "weights")):
+        with pytest.raises(SystemExit) as err:
+            run_sample(*argv, *extra)
+        assert "--sample-dir" in err.value.code and what in err.value.code, err.value.code
+        assert sorted(os.listdir(out)) == names and (tmp_path / "s.npz").read_bytes() == npz
+    os.remove(out / "000002.png")
+    run_sample(*argv)  # the same settings: the missing image is filled in
+    assert sorted(os.listdir(out)) == names
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["arr_0"], np.load(io.BytesIO(npz))["arr_0"])
+
+    shutil.copytree(out, tmp_path / "unknown")  # images of unknown origin
+    with pytest.raises(SystemExit, match="--sample-dir"):
+        run_sample(*argv[:-1], tmp_path / "unknown")
+
+
+def test_unreadable_checkpoint_is_one_clear_error(trained, tmp_path):
+    _, ckpt = trained
+    data = open(ckpt, "rb").read()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])  # a copy cut short
+    Image.new("RGB", (8, 8)).save(tmp_path / "image.pt", format="PNG")
+    torch.save({"step": 3, "weights": torch.zeros(2)}, tmp_path / "dict.pt")
+    torch.save(torch.zeros(2), tmp_path / "tensor.pt")
+    for name in ("truncated.pt", "image.pt", "dict.pt", "tensor.pt"):
+        with pytest.raises(SystemExit) as err:
+            run_sample("--ckpt", tmp_path / name, "--steps", 2, "--out", tmp_path / "g.png")
+        assert err.value.code.startswith(f"--ckpt {tmp_path / name}:"), err.value.code
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--class-labels", 0, 7],  # beyond the 6 classes of the built-in data
+    ["--class-labels", 6],  # the null class: its images would be unconditional
+    ["--class-labels", -1],
+    ["--steps", 0],
+    ["--batch-size", 0, "--num-samples", 2],
+    ["--num-samples", 0],
+    ["--num-samples", -3],
+    ["--resolution", 0, 0],
+    ["--resolution", -32, 32],
+    ["--resolution", 33, 32],  # XS/16 at 32 px has 2x2 tokens: sides must be even
+    ["--images-per-condition", 0],
+    ["--shift", 0],
+])
+def test_bad_sample_flag_is_named(trained, tmp_path, argv):
+    _, ckpt = trained
+    with pytest.raises(SystemExit) as err:
+        run_sample("--ckpt", ckpt, "--steps", 2, "--out", tmp_path / "g.png", "--sample-dir", tmp_path / "s", *argv)
+    assert isinstance(err.value.code, str) and err.value.code.startswith(argv[0]), err.value.code
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_interrupted_npz_write_keeps_the_old_npz(trained, tmp_path, monkeypatch):
+    """The .npz is written to a temporary file and renamed: a run killed while writing it leaves the
+    previous one whole, never half a file for fid.py to choke on."""
+    _, ckpt = trained
+    argv = ["--ckpt", ckpt, "--steps", 2, "--num-samples", 2, "--batch-size", 2, "--sample-dir", tmp_path / "s"]
+    run_sample(*argv)
+    good = np.load(tmp_path / "s.npz")["arr_0"]
+
+    def killed(file, **arrays):  # writes part of the file, then the run dies
+        with open(file, "wb") as f:
+            f.write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample.np, "savez", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_sample(*argv)
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["arr_0"], good)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2428,7 +2768,7 @@ def test_text_to_image_train_and_sample(tmp_path, monkeypatch):
                "--prompt", "blue triangle", "--images-per-condition", 2, "--steps", 2, "--out", out)
     assert Image.open(out).size == (2 + 2 * 34, 2 + 2 * 34)
     monkeypatch.undo()  # the run's encoder "tiny" is no file: a new prompt needs a real one
-    with pytest.raises(FileNotFoundError, match="--text-encoder"):
+    with pytest.raises(SystemExit, match="--text-encoder"):
         run_sample("--ckpt", os.path.join(run_dir, "ckpt-last.pt"), "--prompt", "a new prompt", "--steps", 2, "--out", out)
 
 

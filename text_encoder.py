@@ -104,22 +104,41 @@ def load_text_encoder(path, max_length=128, embed_dim=None, device="cpu", dtype=
 
 def caption_features(captions, encoder=None, max_length=128, cache=None, device="cpu", batch_size=256):
     """Features of every caption, and of "" in the last row: fp16 (N+1, L, d) and mask (N+1, L)
-    on the CPU. The encoder is frozen, so they are computed once; with `cache` (a .pt file) they
-    are read from it when it holds every caption, and written to it otherwise."""
+    on the CPU. The encoder is frozen, so they are computed once: with `cache` (a .pt file) only
+    the captions it lacks are encoded, and added to it. So sampling new prompts with the training
+    run's cache keeps the training captions' rows, which a resumed run needs."""
     want = list(captions) + [""]
+    saved = {"captions": [], "encoder": encoder}
     if cache and os.path.exists(cache):
-        saved = torch.load(cache, weights_only=True)
-        index = {s: i for i, s in enumerate(saved["captions"])}
-        if all(s in index for s in want) and saved["features"].shape[1] == max_length:
-            rows = torch.tensor([index[s] for s in want])
-            return saved["features"][rows], saved["mask"][rows]
-    if encoder is None:
-        raise SystemExit(f"no text features for these {len(want)} captions in --text-cache {cache}: "
-                         "give --text-encoder PATH to compute them")
-    enc = load_text_encoder(encoder, max_length, device=device)
-    feats, masks = zip(*(enc.encode(want[i: i + batch_size]) for i in range(0, len(want), batch_size)))
-    feats, masks = torch.cat(feats).half().cpu(), torch.cat(masks).cpu()
-    if cache:
-        torch.save({"captions": want, "features": feats, "mask": masks, "encoder": encoder}, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
-    return feats, masks
+        try:
+            saved = torch.load(cache, weights_only=True)
+            length, dim = saved["features"].shape[1:]
+        except Exception as e:  # a truncated file, another kind of .pt
+            raise SystemExit(f"--text-cache {cache}: not a caption feature cache ({type(e).__name__}: {e})")
+        if length != max_length:
+            raise SystemExit(f"--text-cache {cache}: holds features of {length} tokens, not {max_length}: "
+                             "pass another --text-cache")
+    have = set(saved["captions"])
+    new = [s for s in dict.fromkeys(want) if s not in have]
+    if new:
+        if encoder is None:
+            raise SystemExit(f"no text features for these {len(new)} captions in --text-cache {cache}: "
+                             "give --text-encoder PATH to compute them")
+        try:
+            enc = load_text_encoder(encoder, max_length, device=device)
+        except FileNotFoundError as e:  # its message names --text-encoder: no traceback for a script
+            raise SystemExit(str(e))
+        feats, masks = zip(*(enc.encode(new[i: i + batch_size]) for i in range(0, len(new), batch_size)))
+        feats, masks = torch.cat(feats).half().cpu(), torch.cat(masks).cpu()
+        if saved["captions"]:  # appended: the rows already there stay as they are
+            if feats.shape[2] != dim:
+                raise SystemExit(f"--text-cache {cache}: holds features {dim} wide, --text-encoder {encoder} "
+                                 f"gives {feats.shape[2]}: pass another --text-cache")
+            feats, masks = torch.cat([saved["features"], feats]), torch.cat([saved["mask"], masks])
+        saved = {**saved, "captions": saved["captions"] + new, "features": feats, "mask": masks}
+        if cache:  # a temporary name of this process's own: all ranks of a run may write at once
+            torch.save(saved, f"{cache}.tmp{os.getpid()}")
+            os.replace(f"{cache}.tmp{os.getpid()}", cache)
+    index = {s: i for i, s in enumerate(saved["captions"])}
+    rows = torch.tensor([index[s] for s in want])
+    return saved["features"][rows], saved["mask"][rows]

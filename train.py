@@ -70,7 +70,7 @@ class ImageFolder(Dataset):
     def __init__(self, root, size, captions=False):
         if not os.path.isdir(root):
             raise SystemExit(f"--data-path {root!r} is not a directory")
-        self.size, self.files, names = size, [], []
+        self.root, self.size, self.files, names = root, size, [], []
         for dirpath, _, files in sorted(os.walk(root)):
             for f in sorted(files):
                 path = os.path.join(dirpath, f)
@@ -98,6 +98,10 @@ class ImageFolder(Dataset):
 
     def load(self, i):
         with Image.open(self.files[i]) as img:
+            if img.mode == "F":  # float TIFFs: no agreed range to map to 8 bits
+                raise ValueError("float images (mode F) are not supported")
+            if img.mode.startswith("I"):  # 16-bit grayscale: to 8 bits (convert would clip at 255)
+                img = Image.fromarray((np.asarray(img).clip(0, 65535) / 257).round().astype(np.uint8))
             img = img.convert("RGBA") if img.mode in ("P", "LA") else img
             if img.mode == "RGBA":  # transparent pixels on white, not on black
                 img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img)
@@ -114,13 +118,15 @@ class ImageFolder(Dataset):
 
 
 class ArrayDataset(Dataset):
-    """A preprocessed dataset: one memory-mapped uint8 (N, H, W, 3) file and its labels."""
+    """A preprocessed dataset: one memory-mapped uint8 (N, H, W, 3) file, its labels, and beside
+    them a .json of its classes and the folder it was made from."""
 
     def __init__(self, path):
         self.images = np.load(path, mmap_mode="r")
         self.labels = np.load(path[: -len(".npy")] + ".labels.npy")
-        with open(path[: -len(".npy")] + ".classes.json") as f:
-            self.classes = json.load(f)
+        with open(path[: -len(".npy")] + ".json") as f:
+            meta = json.load(f)
+        self.classes, self.data_path = meta["classes"], meta["data_path"]
 
     def __len__(self):
         return len(self.images)
@@ -130,7 +136,8 @@ class ArrayDataset(Dataset):
 
 
 def cache_dataset(dataset, path, num_workers):
-    """Decode and crop every image once into a uint8 array file (written atomically)."""
+    """Decode and crop every image of an ImageFolder once into a uint8 array file (written atomically)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     loader = DataLoader(dataset, batch_size=64, num_workers=num_workers,
                         generator=torch.Generator())  # leaves the global RNG, so the model init, alone
     n, s = len(dataset), dataset.size
@@ -143,9 +150,25 @@ def cache_dataset(dataset, path, num_workers):
         i += len(x)
     images.flush()
     np.save(path[: -len(".npy")] + ".labels.npy", labels)
-    with open(path[: -len(".npy")] + ".classes.json", "w") as f:
-        json.dump(dataset.classes, f)
+    with open(path[: -len(".npy")] + ".json", "w") as f:
+        json.dump({"classes": dataset.classes, "data_path": os.path.abspath(dataset.root)}, f)
     os.replace(tmp, path)
+
+
+def open_cache(path, folder):
+    """The ArrayDataset at path, refused with one clear error unless it holds folder's images at
+    folder's size: a cache of other images would train on them silently."""
+    try:
+        cached = ArrayDataset(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--cache {path}: unreadable ({e}); delete it to make it again")
+    n, s = len(folder), folder.size
+    made = (cached.data_path, cached.classes, cached.images.shape)
+    if made != (os.path.abspath(folder.root), folder.classes, (n, s, s, 3)):
+        raise SystemExit(f"--cache {path}: made from {cached.data_path} ({len(cached.classes)} classes, "
+                         f"array {cached.images.shape}), not from --data-path {folder.root} ({len(folder.classes)} "
+                         f"classes, {n} images) at --image-size {s}: give another file, or delete it to make it again")
+    return cached
 
 
 class Shapes(Dataset):
@@ -230,13 +253,36 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def run_number(name):
+    """NNN of a run folder NNN-MODEL (any number of digits: 1000 follows 999), else None."""
+    num = name.split("-")[0]
+    return int(num) if num.isdecimal() else None
+
+
 def newest_run(results_dir, with_checkpoint=False):
     """The highest-numbered run folder (with a ckpt-last.pt, if asked), or None."""
-    runs = sorted(d for d in os.listdir(results_dir) if d[:3].isdigit()) if os.path.isdir(results_dir) else []
-    runs = [os.path.join(results_dir, d) for d in runs]
+    names = [d for d in (os.listdir(results_dir) if os.path.isdir(results_dir) else []) if run_number(d) is not None]
+    runs = [os.path.join(results_dir, d) for d in sorted(names, key=run_number)]
     if with_checkpoint:
         runs = [r for r in runs if os.path.exists(os.path.join(r, "ckpt-last.pt"))]
     return runs[-1] if runs else None
+
+
+def init_weights(path):
+    """The EMA weights of our checkpoint or of an official Lightning one (as official "emainit")."""
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    return src["ema"] if "ema" in src else convert_official(src)
+
+
+def read_weights(flag, path, load):
+    """load(path), where a missing file or one of another kind is one clear error naming the flag,
+    raised before the run folder is made."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{flag} {path}: no such file")
+    try:
+        return load(path)
+    except Exception as e:  # not a checkpoint at all, or of another model
+        raise SystemExit(f"{flag} {path}: not a checkpoint this flag takes ({type(e).__name__}: {e})")
 
 
 def model_config(args, num_classes, text_dim=None):
@@ -322,7 +368,8 @@ def main(args):
     ddp, rank, world, device = setup_distributed()
     cuda = device.type == "cuda"
 
-    # ---- resume: the run's own settings win; --max-steps and the logging cadence may change
+    # ---- resume: the run's own settings win, and a flag given with another value is refused;
+    # --max-steps, the logging cadence and the speed flags may change
     ckpt, run_dir = None, None
     if args.resume:
         run_dir = newest_run(args.results_dir, with_checkpoint=True) if args.resume == "auto" else args.resume
@@ -330,49 +377,83 @@ def main(args):
         if not path or not os.path.exists(path):
             raise SystemExit(f"--resume: no checkpoint found ({path or 'no run folder in ' + args.results_dir})")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved = ckpt["args"]
-        if args.model and args.model != saved["model"]:
-            raise SystemExit(f"--resume: the checkpoint is model {saved['model']}, but --model is {args.model}")
-        for k, v in saved.items():
-            if k not in RESUME_MAY_CHANGE or getattr(args, k) is None:
+        conflicts = []
+        for k, v in ckpt["args"].items():
+            given = getattr(args, k, None)  # None: not on the command line (every flag's default)
+            if given is None:
                 setattr(args, k, v)
+            elif given != v and k not in RESUME_MAY_CHANGE + ("resume",):
+                conflicts.append(f"--{k.replace('_', '-')} {given}: the run has {v}")
+        if conflicts:
+            raise SystemExit("; ".join(conflicts) + f" (--resume {run_dir} keeps the run's settings; only --" +
+                             ", --".join(k.replace("_", "-") for k in RESUME_MAY_CHANGE) + " may change)")
         args.resume = run_dir
-    args.model = args.model or "XL/16"
-    for k, v in (PAPER if args.data_path else BUILTIN).items():
+    for k, v in {**DEFAULTS, **(PAPER if args.data_path else BUILTIN)}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    for k, low in (("global_batch_size", 1), ("grad_accum", 1), ("log_every", 1), ("ckpt_every", 1),
+                   ("sample_every", 1), ("sample_steps", 1), ("text_len", 1), ("max_steps", 0),
+                   ("milestone_every", 0), ("num_workers", 0)):
+        if getattr(args, k) < low:
+            raise SystemExit(f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least {low}")
     if args.global_batch_size % (world * args.grad_accum):
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by "
                          f"{world} processes x --grad-accum {args.grad_accum}")
     local_batch = args.global_batch_size // (world * args.grad_accum)
     torch.manual_seed(args.seed * world + rank)
 
-    # ---- data: every error before a run folder or any GPU work
+    # ---- data, captions, model and weight files: every error before a run folder
     size = args.image_size
     t2i = bool(args.text_encoder or args.text_cache)
     with torch.device("meta"):
-        if t2i != (MODELS[args.model]().text_dim is not None):
-            raise SystemExit(f"--model {args.model} is a " + ("text-to-image model: give --text-encoder PATH"
-                             if not t2i else "class-conditional model: use a T2I model with --text-encoder"))
+        arch = MODELS[args.model]()
+    if t2i != (arch.text_dim is not None):
+        raise SystemExit(f"--model {args.model} is a " + ("text-to-image model: give --text-encoder PATH"
+                         if not t2i else "class-conditional model: use a T2I model with --text-encoder"))
+    patch = args.patch_size or arch.patch_size
+    if size < 1 or size % patch:
+        raise SystemExit(f"--image-size {size}: must be a positive multiple of the patch size {patch}")
     if args.data_path:
+        dataset = ImageFolder(args.data_path, size, t2i)
         if args.cache:
+            if not args.cache.endswith(".npy"):
+                raise SystemExit(f"--cache {args.cache}: must be a .npy file")
             if not os.path.exists(args.cache) and rank == 0:
-                cache_dataset(ImageFolder(args.data_path, size, t2i), args.cache, args.num_workers)
+                cache_dataset(dataset, args.cache, args.num_workers)
             if ddp:
                 dist.barrier()
-            dataset = ArrayDataset(args.cache)
-        else:
-            dataset = ImageFolder(args.data_path, size, t2i)
+            dataset = open_cache(args.cache, dataset)
     else:
         dataset = Shapes(size)
     if args.hflip:
         dataset = Flipped(dataset)
     num_classes = len(dataset.classes)
 
+    if t2i:  # official t2i recipe (spec Sec. 7.5); the time shift scales with resolution: 2 at 256
+        for k, v in dict(beta2=0.95, grad_clip=1.0, t_shift=size / 128).items():
+            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+        feats, masks = caption_features(dataset.classes, args.text_encoder, args.text_len, args.text_cache,
+                                        device)  # (captions + 1, L, d): the last row is ""
+    args.beta2 = 0.999 if args.beta2 is None else args.beta2
+    args.t_shift = 1.0 if args.t_shift is None else args.t_shift
+
+    config = ckpt["model_config"] if ckpt else model_config(args, num_classes, t2i and feats.shape[-1])
+    model = MODELS[config["name"]](**config["kwargs"])
+    if args.init_from and not ckpt:
+        try:
+            load_weights(model, read_weights("--init-from", args.init_from, init_weights))
+        except ValueError as e:
+            raise SystemExit(f"--init-from {args.init_from}: does not fit --model {args.model}: {e}")
+    encoder = projector = None
+    if args.repa_encoder:
+        from dinov2 import load_dinov2, repa_target
+        encoder = read_weights("--repa-encoder", args.repa_encoder, load_dinov2)
+        projector = flow.REPAProjector(model.patch_embed.out_features)
+
     if not args.resume and rank == 0:
         os.makedirs(args.results_dir, exist_ok=True)
         last = newest_run(args.results_dir)
-        idx = int(os.path.basename(last)[:3]) + 1 if last else 0
+        idx = run_number(os.path.basename(last)) + 1 if last else 0
         run_dir = os.path.join(args.results_dir, f"{idx:03d}-{args.model.replace('/', '-')}")
         os.makedirs(run_dir)
     if ddp and not args.resume:
@@ -385,14 +466,6 @@ def main(args):
                         ([logging.FileHandler(os.path.join(run_dir, "log.txt"))] if rank == 0 else []))
     log = logging.getLogger("train")
 
-    if t2i:  # official t2i recipe (spec Sec. 7.5); the time shift scales with resolution: 2 at 256
-        for k, v in dict(beta2=0.95, grad_clip=1.0, t_shift=size / 128).items():
-            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-        feats, masks = caption_features(dataset.classes, args.text_encoder, args.text_len, args.text_cache,
-                                        device)  # (captions + 1, L, d): the last row is ""
-    args.beta2 = 0.999 if args.beta2 is None else args.beta2
-    args.t_shift = 1.0 if args.t_shift is None else args.t_shift
-
     def condition(y):
         """Labels on the device, or the (features, mask) of caption indices y (-1: the empty prompt)."""
         if not t2i:
@@ -402,25 +475,14 @@ def main(args):
 
     null = condition(torch.tensor([-1])) if t2i else num_classes
 
-    # ---- model, EMA, REPA, optimizer
-    config = ckpt["model_config"] if ckpt else model_config(args, num_classes, t2i and feats.shape[-1])
-    model = MODELS[config["name"]](**config["kwargs"]).to(device)
-    if args.init_from and not ckpt:
-        src = torch.load(args.init_from, map_location="cpu", weights_only=True)
-        weights = src["ema"] if "ema" in src else convert_official(src)  # EMA weights, as official "emainit"
-        try:
-            load_weights(model, weights)
-        except ValueError as e:
-            raise SystemExit(f"--init-from {args.init_from} does not fit --model {args.model}: {e}")
+    # ---- model, EMA, REPA, optimizer on the device
+    model.to(device)
     if ddp:  # every rank starts from rank 0's weights (DDP would sync only the bf16 copies below)
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
     ema = deepcopy(model).requires_grad_(False)  # fp32, updated every step
-    encoder = projector = None
     if args.repa_encoder:
-        from dinov2 import load_dinov2, repa_target
-        encoder = load_dinov2(args.repa_encoder).to(device)
-        projector = flow.REPAProjector(model.patch_embed.out_features).to(device)
+        encoder, projector = encoder.to(device), projector.to(device)
         log.info(f"REPA on: DINOv2 from {args.repa_encoder}, block {model.align_layer}, weight {args.repa_weight}")
     else:
         log.info("REPA off (no --repa-encoder given): training with the flow-matching loss alone")
@@ -445,7 +507,14 @@ def main(args):
             metrics = os.path.join(run_dir, "metrics.jsonl")
             if os.path.exists(metrics):
                 with open(metrics) as f:
-                    rows = [line for line in f if json.loads(line)["step"] <= step]
+                    lines = f.read().splitlines()
+                rows = []
+                for line in lines:
+                    try:
+                        if json.loads(line)["step"] <= step:
+                            rows.append(line + "\n")
+                    except json.JSONDecodeError:  # the last line, cut off by a crash
+                        pass
                 with open(metrics, "w") as f:
                     f.writelines(rows)
         log.info(f"resumed {run_dir} at step {step}")
@@ -493,10 +562,11 @@ def main(args):
     def save(name):
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "projector": projector.state_dict() if projector else None, "step": step,
-                 "args": vars(args), "model_config": config}
+                 "skipped_images": bad_total, "args": vars(args), "model_config": config}
         save_atomic(state, os.path.join(run_dir, name))
 
-    stats, t_log, seen, n_steps, bad_total = {}, time.time(), 0, 0, 0
+    stats, t_log, seen, n_steps = {}, time.time(), 0, 0
+    bad_total = ckpt.get("skipped_images", 0) if ckpt else 0  # unreadable images, the whole run
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.max_steps:
         gen.manual_seed((args.seed * world + rank) * 1_000_000_007 + step)
@@ -566,8 +636,13 @@ def main(args):
     return run_dir
 
 
-# Defaults left unset on the command line: the paper's recipe for real data; for the built-in
-# shapes a run that gives a recognisable EMA grid in about 10 minutes on a 2-core CPU.
+# Every flag defaults to None, so that a resume can tell the flags a command line gave from the
+# others: it refuses a value other than the run's own. Unset flags take these values, and then
+# the paper's recipe for real data or, for the built-in shapes, a run that gives a recognisable
+# EMA grid in about 10 minutes on a 2-core CPU.
+DEFAULTS = dict(model="XL/16", head="nerf", hflip=False, grad_accum=1, weight_decay=0.0, p_uncond=0.1,
+                text_len=128, text_mask=True, repa_weight=0.5, milestone_every=100_000, sample_steps=50,
+                sample_cfg=3.5, seed=0, compile=True, cuda_graphs=False, kernel=True)
 PAPER = dict(image_size=256, global_batch_size=256, max_steps=800_000, lr=1e-4, ema_decay=0.9999,
              log_every=100, ckpt_every=5_000, sample_every=10_000, num_workers=8)
 RESUME_MAY_CHANGE = ("max_steps", "log_every", "ckpt_every", "milestone_every", "sample_every",
@@ -577,11 +652,11 @@ BUILTIN = dict(image_size=32, global_batch_size=32, max_steps=1_200, lr=2e-4, em
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, epilog="Unset defaults: " + json.dumps(PAPER) +
-                                " with --data-path, else " + json.dumps(BUILTIN),
+    p = argparse.ArgumentParser(description=__doc__, epilog=f"Unset defaults: {json.dumps(DEFAULTS)}, and "
+                                f"{json.dumps(PAPER)} with --data-path, else {json.dumps(BUILTIN)}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(MODELS), default=None, help="default XL/16")
-    p.add_argument("--head", choices=["nerf", "linear"], default="nerf", help="linear: the paper's Baseline")
+    p.add_argument("--head", choices=["nerf", "linear"], default=None, help="linear: the paper's Baseline")
     p.add_argument("--encoding", choices=["dct", "dct2", "sincos", "cos"], default=None)
     p.add_argument("--nerf-norm", choices=["fc1", "fc1_fc2", "fc1_fc2_out"], default=None)
     p.add_argument("--nerf-width", type=int, default=None)
@@ -590,44 +665,45 @@ def get_parser():
     p.add_argument("--data-path", default=None, help="ImageFolder layout; none: built-in shapes")
     p.add_argument("--cache", default=None, help="uint8 .npy file to preprocess the dataset into once")
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--hflip", action="store_true", help="random horizontal flips (the official recipe has none)")
+    p.add_argument("--hflip", action="store_true", default=None,
+                   help="random horizontal flips (the official recipe has none)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue the newest run in --results-dir, or the run folder given")
     p.add_argument("--init-from", default=None, help="start from the weights of a checkpoint (ours or official)")
     p.add_argument("--global-batch-size", type=int, default=None)
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="total steps of the run, resumes included")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--beta2", type=float, default=None, help="default 0.999 (t2i: 0.95)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--grad-clip", type=float, default=None, help="default none (t2i: 1.0)")
     p.add_argument("--ema-decay", type=float, default=None)
-    p.add_argument("--p-uncond", type=float, default=0.1, help="label dropout for CFG")
+    p.add_argument("--p-uncond", type=float, default=None, help="label dropout for CFG")
     p.add_argument("--t-shift", type=float, default=None,
                    help="time shift of the lognorm t; default 1 (t2i: image size / 128, so 2 at 256)")
     p.add_argument("--text-encoder", default=None,
                    help="text-to-image: a local HF model directory or .gguf file; data = images with .txt captions")
     p.add_argument("--text-cache", default=None, help="a .pt file of precomputed caption features (read or written)")
-    p.add_argument("--text-len", type=int, default=128, help="text tokens (padded or truncated)")
-    p.add_argument("--text-mask", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--text-len", type=int, default=None, help="text tokens (padded or truncated)")
+    p.add_argument("--text-mask", action=argparse.BooleanOptionalAction, default=None,
                    help="pass the text padding mask to attention (--no-text-mask: the official behaviour)")
     p.add_argument("--repa-encoder", default=None, help="local DINOv2 ViT-B/14 checkpoint (dinov2_vitb14_pretrain.pth)")
-    p.add_argument("--repa-weight", type=float, default=0.5)
+    p.add_argument("--repa-weight", type=float, default=None)
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=None)
-    p.add_argument("--milestone-every", type=int, default=100_000)
+    p.add_argument("--milestone-every", type=int, default=None)
     p.add_argument("--sample-every", type=int, default=None)
-    p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--sample-cfg", type=float, default=3.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-steps", type=int, default=None)
+    p.add_argument("--sample-cfg", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="CUDA only")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="CUDA only")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the compiled blocks from CUDA graphs (torch.compile's reduce-overhead mode): "
                         "no per-kernel work on the host, which pays where the host cannot keep up with "
                         "the GPU (small batches per GPU, slow CPUs); with --compile on CUDA")
-    p.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=None,
                    help="the fused Triton kernels of the neural field, the blocks and AdamW + EMA (CUDA and Triton only)")
     return p
 
