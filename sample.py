@@ -1,7 +1,7 @@
 """Sample from a PixNerd checkpoint: a PNG grid, or many images and an ADM-evaluator .npz.
 
     python sample.py --ckpt results/000-XL-16/ckpt-last.pt --steps 50 --solver adams2
-    torchrun --nproc_per_node=8 sample.py --ckpt X.pt --num-samples 50000   # PNGs + samples.npz
+    torchrun --nproc_per_node=8 sample.py --ckpt X.pt --num-samples 50000   # PNGs + FOLDER.npz
     python sample.py --ckpt official.ckpt --model XL/16 --resolution 384 512   # arbitrary size
 
 Our checkpoints and official Lightning .ckpt files load alike (EMA weights by default).

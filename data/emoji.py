@@ -94,7 +94,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=64, help="output side in pixels")
     p.add_argument("--limit", type=int, default=None, help="keep only the first N emoji per class")
     p.add_argument("--skip-skin-tones", action="store_true",
-                   help="leave out the skin-tone variants (2,496 near-duplicates of 1,873 others)")
+                   help="leave out the skin-tone variants (1,785 near-duplicates of 1,870 others)")
     p.add_argument("--font", default=FONT)
     p.add_argument("--emoji-test", default=EMOJI_TEST)
     args = p.parse_args(argv)

@@ -40,15 +40,19 @@ for step in $(printf "%07d %07d" $((STEPS / 3)) $((2 * STEPS / 3))); do
   python sample.py --ckpt "$(ckpt pixnerd ckpt-$step.pt)" --num-samples "$N" --batch-size 250 --cfg-scale 1 --steps "$SAMPLE_STEPS" \
     --sample-dir "$R/fid_pixnerd_$step"
 done
-# grids: 4 per class with the default CFG 3.5, and prompts seen and unseen in training
+# grids: the first 5 training images of each class, 5 samples per class with the default CFG 3.5,
+# and 4 per prompt (seen and unseen in training) with the official t2i sampler (Adams-2, 25 steps)
+python -c "import numpy as np, torch, sample; a, l = np.load('$R/emoji.npy'), np.load('$R/emoji.labels.npy'); \
+x = torch.from_numpy(a[[i for c in range(9) for i in np.flatnonzero(l == c)[:5]]]).permute(0, 3, 1, 2); \
+sample.save_grid(x.float() / 127.5 - 1, '$R/grid_real.png', nrow=5)"
 for name in pixnerd baseline; do
   python sample.py --ckpt "$(ckpt $name ckpt-last.pt)" --class-labels 0 1 2 3 4 5 6 7 8 \
-    --images-per-condition 8 --steps "$SAMPLE_STEPS" --out "$R/grid_$name.png"
+    --images-per-condition 5 --steps "$SAMPLE_STEPS" --out "$R/grid_$name.png"
 done
 [ -n "${TEXT_CACHE:-}" ] && python sample.py --ckpt "$(ckpt t2i ckpt-last.pt)" --text-cache "$TEXT_CACHE" \
   --prompt "red apple" --prompt "rocket" --prompt "grinning cat" --prompt "purple heart" \
   --prompt "blue apple" --prompt "red cat" --prompt "green car" --prompt "yellow apple" \
-  --images-per-condition 6 --steps "$SAMPLE_STEPS" --solver adams2 --out "$R/t2i_prompts.png"
+  --images-per-condition 4 --steps 25 --solver adams2 --out "$R/t2i_prompts.png"
 # FID of each sample set against the training images (the README ran these on the CPU):
 #   for f in "$R"/fid_*.npz; do python fid.py "$f" "$R/emoji_ref.npz"; done
 echo done
