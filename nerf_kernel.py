@@ -27,7 +27,7 @@ adds a faster path, never a different function.
 
 A file of its own so that nerf_head.py stays torch-only: the scripts call enable(model) on a GPU.
 """
-from typing import Optional
+from typing import List, Optional  # typing.List: custom_op schemas of torch < 2.7 read no built-in list type
 
 import torch
 import torch.nn.functional as F
@@ -54,12 +54,14 @@ def enable(model, on=True):
         m.fused = fused_patch_mlp if on and available() and supported(m.width, m.hidden) else None
     for m in model.modules():
         if isinstance(m, NerfHead):
-            m.fused = fused_head if all(b.fused for b in m.blocks) else None
+            m.fused = fused_head if len(m.blocks) and all(b.fused for b in m.blocks) else None
     return sum(m.fused is not None for m in blocks)
 
 
 def supported(width, hidden):
-    return all(d >= 16 and d & (d - 1) == 0 for d in (width, hidden))  # tl.dot tiles: powers of 2 >= 16
+    """tl.dot tiles: powers of 2 >= 16; a patch's W1 and W2 on chip: up to the official 64 x 128 (the
+    training kernels of a 128-wide field need 257 KiB of shared memory, an H100 has 227)."""
+    return all(d >= 16 and d & (d - 1) == 0 for d in (width, hidden)) and width * hidden <= 64 * 128
 
 
 def fused_patch_mlp(h, w, norm, norm_w2=True):
@@ -511,8 +513,8 @@ if triton is not None:
         return h.new_empty(_out_shape(h, e, wo))
 
     @torch.library.custom_op("pixnerd::field", mutates_args=())
-    def _field_op(pixels: torch.Tensor, e: torch.Tensor, wx: torch.Tensor, ws: list[torch.Tensor],
-                  gains: list[torch.Tensor], go: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, eps: float,
+    def _field_op(pixels: torch.Tensor, e: torch.Tensor, wx: torch.Tensor, ws: List[torch.Tensor],
+                  gains: List[torch.Tensor], go: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor, eps: float,
                   eps_out: float, norm_w2: bool, norm_out: bool) -> torch.Tensor:
         N, P, CH = pixels.shape
         C = e.shape[1]
@@ -536,7 +538,7 @@ if triton is not None:
     def _patch_mlp_backward_op(dout: torch.Tensor, h: torch.Tensor, w: torch.Tensor, gain: torch.Tensor,
                                e: Optional[torch.Tensor], wx: Optional[torch.Tensor], go: Optional[torch.Tensor],
                                wo: Optional[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
-                               norm_out: bool) -> list[torch.Tensor]:
+                               norm_out: bool) -> List[torch.Tensor]:
         """_layer_backward as an op, dL/d(input features) in h's dtype."""
         return _layer_backward(dout, h, w, gain, e, wx, go, wo, eps, eps_out, norm_w2, norm_out, h.dtype)
 
@@ -591,10 +593,10 @@ if triton is not None:
                 norm_out and last)
 
     @torch.library.custom_op("pixnerd::nerf_head_train", mutates_args=())
-    def _head_train_op(pixels: torch.Tensor, s: torch.Tensor, gen_w: list[torch.Tensor], gen_b: list[torch.Tensor],
-                       e: torch.Tensor, wx: torch.Tensor, gains: list[torch.Tensor], go: Optional[torch.Tensor],
+    def _head_train_op(pixels: torch.Tensor, s: torch.Tensor, gen_w: List[torch.Tensor], gen_b: List[torch.Tensor],
+                       e: torch.Tensor, wx: torch.Tensor, gains: List[torch.Tensor], go: Optional[torch.Tensor],
                        wo: torch.Tensor, bo: torch.Tensor, eps: float, eps_out: float, norm_w2: bool,
-                       norm_out: bool) -> list[torch.Tensor]:
+                       norm_out: bool) -> List[torch.Tensor]:
         """The head, pixels (N, P, CH) and s (N, D) -> [v (N, P, CH), h_1, ..., h_{depth-1}, w_0, ...]:
         each layer's weights w_i = s W_i^T + b_i (N, 2 C HID) in s's dtype, and the inner layers'
         inputs h_i (N, P, C), are outputs so that autograd keeps them for the backward."""
@@ -612,11 +614,11 @@ if triton is not None:
                 *[s.new_empty(N, W.shape[0]) for W in gen_w]]
 
     @torch.library.custom_op("pixnerd::nerf_head_train_backward", mutates_args=())
-    def _head_train_backward_op(dv: torch.Tensor, pixels: torch.Tensor, s: torch.Tensor, gen_w: list[torch.Tensor],
-                                e: torch.Tensor, wx: torch.Tensor, gains: list[torch.Tensor],
-                                go: Optional[torch.Tensor], wo: torch.Tensor, hs: list[torch.Tensor],
-                                ws: list[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
-                                norm_out: bool) -> list[torch.Tensor]:
+    def _head_train_backward_op(dv: torch.Tensor, pixels: torch.Tensor, s: torch.Tensor, gen_w: List[torch.Tensor],
+                                e: torch.Tensor, wx: torch.Tensor, gains: List[torch.Tensor],
+                                go: Optional[torch.Tensor], wo: torch.Tensor, hs: List[torch.Tensor],
+                                ws: List[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
+                                norm_out: bool) -> List[torch.Tensor]:
         """[dL/dh0 (N, P, C), de, dWx, dgo, dWo, ds, [dW_0 db_0 0], ..., dgain_0, ...] from dL/dv: the
         layers backwards from the last, each reading the one after's dL/d(its output) and handing
         its weight gradient to its generator at once."""

@@ -48,7 +48,7 @@ def step(opt, ema, model, decay, max_norm=None, kernel=None, copies=()):
     grads = {p: copy_of[p].grad if p in copy_of else p.grad for g in opt.param_groups for p in g["params"]}
     params = [p for p, g in grads.items() if g is not None]
     if kernel is None:
-        kernel = triton is not None and supported(opt, params, grads, copy_of)
+        kernel = triton is not None and supported(opt, params, grads, copy_of, [ema_of.get(p, p) for p in params])
     with torch.no_grad():
         if kernel and params:
             norm = _fused_step(opt, ema_of, 1 - decay, max_norm, params, grads, copy_of)
@@ -62,13 +62,14 @@ def step(opt, ema, model, decay, max_norm=None, kernel=None, copies=()):
         return norm
 
 
-def supported(opt, params=None, grads=None, copy_of=None):
-    """The kernel's case: fp32 CUDA parameters and gradients on one device, contiguous (16-bit
-    gradients and copies, all bf16 or all fp16, where a parameter has a compute copy), the step
-    counts there too (as torch's fused AdamW keeps them; load_state_dict puts the moments on the
-    parameters' device and dtype); AdamW without amsgrad or maximize, a plain number for the
-    learning rate. params: those of opt with a gradient, grads: each one's gradient, copy_of: the
-    compute copies (as in step())."""
+def supported(opt, params=None, grads=None, copy_of=None, emas=()):
+    """The kernel's case: fp32 CUDA parameters, gradients and EMA copies on one device, contiguous
+    (16-bit gradients and copies, all bf16 or all fp16, where a parameter has a compute copy), the
+    step counts there too (as torch's fused AdamW keeps them; load_state_dict puts the moments on
+    the parameters' device and dtype); torch.optim.AdamW itself (Adam's coupled weight decay is
+    another update) without amsgrad or maximize, a plain number for the learning rate. params:
+    those of opt with a gradient, grads: each one's gradient, copy_of: the compute copies, emas:
+    the EMA tensors the kernel would write (as in step())."""
     copy_of = copy_of or {}
     if grads is None:
         grads = {p: copy_of[p].grad if p in copy_of else p.grad for g in opt.param_groups for p in g["params"]}
@@ -81,9 +82,11 @@ def supported(opt, params=None, grads=None, copy_of=None):
     ok = lambda ts, dtype: all(t.device == dev and t.dtype == dtype and t.is_contiguous() for t in ts)
     half = [p for p in params if p in copy_of]
     dt16 = copy_of[half[0]].dtype if half else bf16
-    return (all(not g["amsgrad"] and not g["maximize"] and not torch.is_tensor(g["lr"])
-                for g in opt.param_groups)
-            and ok(params + [grads[p] for p in params if p not in copy_of], f32)
+    return (type(opt) is torch.optim.AdamW
+            and all(not g["amsgrad"] and not g["maximize"] and not torch.is_tensor(g["lr"])
+                    for g in opt.param_groups)
+            and ok(params + [grads[p] for p in params if p not in copy_of] + list(emas), f32)
+            and all(e.shape == p.shape for e, p in zip(emas, params))
             and dt16 in (bf16, torch.float16) and ok([grads[p] for p in half] + [copy_of[p] for p in half], dt16)
             and all(torch.is_tensor(s) and s.device == dev and s.dtype == f32 for s in steps))
 

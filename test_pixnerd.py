@@ -6,6 +6,7 @@ the golden vectors come from.
 """
 import copy
 import functools
+import inspect
 import io
 import gzip
 import hashlib
@@ -2367,6 +2368,19 @@ def test_fused_kernel_matches_torch_path_or_falls_back():
             assert before.abs().min() > 0
             assert not nerf_kernel.available() and nerf_kernel.enable(model) == 0
             assert torch.equal(model(x, t, y), before)
+
+
+def test_nerf_kernel_takes_only_what_it_runs():
+    """Fields wider than the official 64 x 128 (whose training kernels would need more shared memory
+    than an H100 has) and widths that are no power of 2 stay on the torch path, and so does a head
+    with no field layer (the fused head starts from its first layer). The custom ops' list types
+    are typing.List: torch < 2.7 cannot read list[...] in an op's schema, and the import would fail."""
+    assert nerf_kernel.supported(64, 128) and nerf_kernel.supported(16, 32)
+    assert not any(nerf_kernel.supported(w, h) for w, h in ((128, 256), (64, 256), (48, 96), (72, 144)))
+    model = MODELS["XS/16"](nerf_depth=0)
+    nerf_kernel.enable(model)
+    assert model.head.fused is None
+    assert "list[" not in inspect.getsource(nerf_kernel)
 
 
 def test_fused_hook_and_cpu_fallback():
