@@ -117,9 +117,11 @@ def newest_checkpoint(results_dir):
     return None
 
 
-def load_model(path, model_name=None, use_ema=True):
+def load_model(path, model_name=None, use_ema=True, trained_at=None):
     """(model, its training args) from our checkpoint or an official .ckpt; any other file is one
-    clear error, not a traceback."""
+    clear error, not a traceback. An official checkpoint records neither its model size nor the
+    image size it was trained at: model_name and trained_at (default 256 for class-to-image, 512
+    for text-to-image) say them."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -136,17 +138,20 @@ def load_model(path, model_name=None, use_ema=True):
                 raise SystemExit(f"--ckpt {path} is a {config['name']} model, not --model {model_name}")
             model = MODELS[config["name"]](**config["kwargs"])
             weights, train_args = ckpt["ema" if use_ema else "model"], ckpt["args"]
+            if trained_at and trained_at != train_args["image_size"]:
+                raise SystemExit(f"--trained-at {trained_at}: --ckpt {path} was trained at {train_args['image_size']}")
         else:  # official: EMA weights are taken by convert_official when present
             weights = convert_official(ckpt if use_ema else {k: v for k, v in ckpt.get("state_dict", ckpt).items()
                                                              if not k.startswith("ema_denoiser.")})
             if "text_embed.weight" in weights:  # the t2i model, trained last at 512 px, no text mask
-                model, train_args = MODELS[model_name or "XXL/16"](), {"image_size": 512, "text_mask": False}
-            else:
+                model, train_args = MODELS[model_name or "XXL/16"](), {"image_size": trained_at or 512, "text_mask": False}
+            else:  # 256, or 512 for the res512 fine-tune (its 32x32 token grid: spec Sec. 2.2)
                 model = MODELS[model_name or "XL/16"](num_classes=weights["y_embedder.weight"].shape[0] - 1)
-                train_args = {"image_size": 256}
+                train_args = {"image_size": trained_at or 256}
         load_weights(model, weights)
     except ValueError as e:  # convert_official and load_weights say what does not fit
-        raise SystemExit(f"--ckpt {path}: {e}")
+        hint = "" if "model_config" in ckpt else " (official checkpoints do not record their size: --model picks it)"
+        raise SystemExit(f"--ckpt {path}: {e}{hint}")
     except (AttributeError, KeyError, TypeError) as e:  # a dict of something else
         raise SystemExit(f"--ckpt {path}: not a PixNerd checkpoint ({type(e).__name__}: {e})")
     return model.eval().requires_grad_(False), train_args
@@ -238,7 +243,7 @@ def main(args):
     if ckpt is None:
         raise SystemExit(f"no checkpoint given and none found under {args.results_dir}/. "
                          "Train one first, e.g.: python train.py --model S/16, or pass --ckpt PATH")
-    model, train_args = load_model(ckpt, args.model, not args.no_ema)
+    model, train_args = load_model(ckpt, args.model, not args.no_ema, args.trained_at)
     weights = weights_hash(model) if args.num_samples else None
     model.to(device)
     train_size, t2i = train_args["image_size"], model.text_dim is not None
@@ -322,7 +327,7 @@ def main(args):
     check_sample_dir(out_dir, {"checkpoint weights (sha256)": weights, "--no-ema": args.no_ema,
                                "--num-samples": n, "--seed": args.seed, "--solver": args.solver, "--steps": args.steps,
                                "--cfg-scale": args.cfg_scale, "--cfg-interval": args.cfg_interval,
-                               "--shift": args.shift, "--resolution": [H, W]}, write=rank == 0)
+                               "--shift": args.shift, "--resolution": [H, W], "trained at": train_size}, write=rank == 0)
     os.makedirs(out_dir, exist_ok=True)
     todo = [b for b in range(rank, -(-n // bs), world)  # whole batches dealt round-robin to ranks
             if not all(os.path.exists(f"{out_dir}/{i:06d}.png") for i in range(b * bs, min(n, (b + 1) * bs)))]
@@ -350,6 +355,8 @@ def get_parser():
     p.add_argument("--ckpt", default=None, help="default: newest checkpoint of the newest run folder")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--model", choices=list(MODELS), default=None, help="for official checkpoints (default XL/16)")
+    p.add_argument("--trained-at", type=int, default=None, metavar="SIZE",
+                   help="for official checkpoints: the size trained at (default 256; 512 for res512_ft200k and t2i)")
     p.add_argument("--no-ema", action="store_true", help="use the online weights instead of the EMA")
     p.add_argument("--steps", type=int, default=None, help="default 50 (t2i: 25)")
     p.add_argument("--solver", choices=SOLVERS, default=None, help="default euler (t2i: adams2)")

@@ -1313,7 +1313,9 @@ def test_import_does_not_load_transformers():
 def test_caption_cache_keeps_old_rows_when_new_prompts_are_encoded(tmp_path, monkeypatch):
     """Sampling new prompts with the training run's --text-cache adds their features to it: the
     training captions' rows stay (bitwise), so a resumed run still finds them without an encoder,
-    and only the new captions are encoded. A cache of another text length is refused, untouched."""
+    and only the new captions are encoded (and "", to check that the encoder is the cache's). A cache
+    of another text length or another encoder is refused, untouched, and an encoder that fails to
+    load is one error naming --text-encoder."""
     import text_encoder
     enc = make()
     monkeypatch.setattr(text_encoder, "load_text_encoder", lambda path, max_length, **kw: enc)
@@ -1322,7 +1324,7 @@ def test_caption_cache_keeps_old_rows_when_new_prompts_are_encoded(tmp_path, mon
     feats, masks = text_encoder.caption_features(train_captions, "tiny", L, cache)
     calls = enc.model.calls
     text_encoder.caption_features(["a new prompt", "red disc"], "tiny", L, cache)  # as sample.py does
-    assert enc.model.calls == calls + 1  # one batch: only "a new prompt" was encoded
+    assert enc.model.calls == calls + 2  # "a new prompt" in one batch, then "" against the cache's
     saved = torch.load(cache, weights_only=True)
     assert saved["captions"] == train_captions + ["", "a new prompt"]
     again, again_masks = text_encoder.caption_features(train_captions, None, L, cache)  # train.py --resume
@@ -1332,6 +1334,17 @@ def test_caption_cache_keeps_old_rows_when_new_prompts_are_encoded(tmp_path, mon
     before = open(cache, "rb").read()
     with pytest.raises(SystemExit, match="--text-cache"):
         text_encoder.caption_features(["x"], "tiny", L + 1, cache)
+    torch.manual_seed(1)
+    other = TextEncoder(char_tokenizer, TinyLM(), max_length=L)  # same width, other weights
+    monkeypatch.setattr(text_encoder, "load_text_encoder", lambda path, max_length, **kw: other)
+    with pytest.raises(SystemExit, match="made by another encoder"):
+        text_encoder.caption_features(["x"], "other", L, cache)
+
+    def broken(path, max_length, **kw):
+        raise ValueError("cannot reshape array of size 11044 into shape (256,256)")  # a truncated .gguf
+    monkeypatch.setattr(text_encoder, "load_text_encoder", broken)
+    with pytest.raises(SystemExit, match="--text-encoder cut.gguf: could not be loaded"):
+        text_encoder.caption_features(["x"], "cut.gguf", L, cache)
     assert open(cache, "rb").read() == before
 
 
@@ -1423,8 +1436,20 @@ def test_fashion_resize_to_32_and_limit(tmp_path):
 
 
 def test_fashion_missing_source_names_apt_line(tmp_path):
+    """A missing or truncated source file, and a size or limit below 1, stop with one message before
+    any folder is written."""
     with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
         fm.main(["--src", str(tmp_path), "--out", str(tmp_path / "out")])
+    images, labels = two_images()
+    synthetic_split(tmp_path / "src", images, labels)
+    for argv in (["--size", "0"], ["--limit", "0"]):
+        with pytest.raises(SystemExit):
+            fm.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), *argv])
+    assert not os.path.exists(tmp_path / "out")
+    path = tmp_path / "src" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(SystemExit, match="train-images-idx3-ubyte.gz: unreadable"):
+        fm.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
 
 
 EMOJI_TEST = """\
@@ -2113,6 +2138,24 @@ def test_sample_at_another_resolution(trained, tmp_path):
     run_sample("--ckpt", ckpt, "--steps", 2, "--resolution", 64, 48, "--class-labels", 0, 1, "--out",
                tmp_path / "g.png")
     assert png_size(tmp_path / "g.png") == grid_size(2, 2, 48)[:1] + (64 + 4,)  # H 64, W 48
+
+
+def test_official_checkpoint_size_is_given_by_flags(trained, tmp_path, monkeypatch):
+    """An official checkpoint records neither its model nor its training size: --trained-at gives the
+    size (512 for the res512 fine-tune, which runs a 32x32 token grid, not the arbitrary-resolution
+    path), --model the model, and a wrong one says so. Ours record both, so a --trained-at that
+    differs is refused."""
+    ours = load_ckpt(trained[1])
+    official = tmp_path / "official.ckpt"
+    torch.save({"state_dict": {"ema_denoiser.blocks.0.x": torch.zeros(1)}}, official)
+    monkeypatch.setattr(sample, "convert_official", lambda sd: ours["ema"])  # ours in official clothes
+    model, train_args = sample.load_model(str(official), "XS/16")
+    assert train_args["image_size"] == 256 and model.num_classes == ours["model_config"]["kwargs"]["num_classes"]
+    assert sample.load_model(str(official), "XS/16", trained_at=512)[1]["image_size"] == 512
+    with pytest.raises(SystemExit, match="do not record their size: --model picks it"):
+        sample.load_model(str(official), "S/16")
+    with pytest.raises(SystemExit, match="--trained-at 64: .* was trained at 32"):
+        sample.load_model(trained[1], trained_at=64)
 
 
 def test_sample_dir_of_other_settings_is_refused(trained, tmp_path):

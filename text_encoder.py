@@ -74,7 +74,8 @@ def load_text_encoder(path, max_length=128, embed_dim=None, device="cpu", dtype=
     """A TextEncoder from a local HF model directory (Qwen3, BERT, ...) or a local .gguf file.
 
     AutoModel builds the base model, so a causal LM's hidden states come out after its final norm
-    and before the LM head, as Qwen3Model's do officially.
+    and before the LM head, as Qwen3Model's do officially. It runs in fp32 by default, where the
+    official Qwen3 runs in bf16: the features differ by bf16 rounding, once, as they are cached.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"--text-encoder {path!r} does not exist: pass a local Hugging Face "
@@ -93,7 +94,8 @@ def load_text_encoder(path, max_length=128, embed_dim=None, device="cpu", dtype=
     tok.padding_side = "right"
     if tok.pad_token is None:  # GPT-like tokenizers (SmolLM, Llama) have none
         tok.pad_token = tok.eos_token
-    hf = transformers.AutoModel.from_pretrained(src, local_files_only=True, dtype=dtype, **kw)
+    # no dtype argument: transformers < 4.56 calls it torch_dtype; TextEncoder casts to dtype
+    hf = transformers.AutoModel.from_pretrained(src, local_files_only=True, **kw)
 
     def tokenize(prompts, max_length):
         t = tok(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
@@ -126,14 +128,20 @@ def caption_features(captions, encoder=None, max_length=128, cache=None, device=
                              "give --text-encoder PATH to compute them")
         try:
             enc = load_text_encoder(encoder, max_length, device=device)
-        except FileNotFoundError as e:  # its message names --text-encoder: no traceback for a script
+            feats, masks = zip(*(enc.encode(new[i: i + batch_size]) for i in range(0, len(new), batch_size)))
+        except (FileNotFoundError, ImportError) as e:  # their messages name the flag or the package
             raise SystemExit(str(e))
-        feats, masks = zip(*(enc.encode(new[i: i + batch_size]) for i in range(0, len(new), batch_size)))
+        except Exception as e:  # a truncated file, a quantisation transformers cannot read, no tokenizer
+            raise SystemExit(f"--text-encoder {encoder}: could not be loaded or run ({type(e).__name__}: {e})")
         feats, masks = torch.cat(feats).half().cpu(), torch.cat(masks).cpu()
         if saved["captions"]:  # appended: the rows already there stay as they are
             if feats.shape[2] != dim:
                 raise SystemExit(f"--text-cache {cache}: holds features {dim} wide, --text-encoder {encoder} "
                                  f"gives {feats.shape[2]}: pass another --text-cache")
+            old = saved["features"][saved["captions"].index("")].float()  # every cache holds ""
+            if not torch.allclose(enc.encode([""])[0][0].half().float().cpu(), old, rtol=1e-2, atol=1e-2):
+                raise SystemExit(f"--text-cache {cache}: made by another encoder than --text-encoder {encoder} "
+                                 "(the empty prompt's features differ): pass another --text-cache")
             feats, masks = torch.cat([saved["features"], feats]), torch.cat([saved["mask"], masks])
         saved = {**saved, "captions": saved["captions"] + new, "features": feats, "mask": masks}
         if cache:  # a temporary name of this process's own: all ranks of a run may write at once

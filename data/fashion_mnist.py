@@ -32,8 +32,11 @@ CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat",
 
 def read_idx(path):
     """Read one gzipped IDX file (unsigned-byte data) into a numpy array of its stored shape."""
-    with gzip.open(path, "rb") as f:
-        buf = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            buf = f.read()
+    except (OSError, EOFError) as e:  # a truncated download, or not gzip at all
+        raise SystemExit(f"error: {path}: unreadable ({type(e).__name__}: {e}); reinstall it")
     # header: two zero bytes, the type code (0x08 = ubyte), the number of dims, then each dim
     # as a big-endian int32
     if buf[0] != 0 or buf[1] != 0 or buf[2] != 0x08:
@@ -95,6 +98,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="keep only the first N images per class")
     p.add_argument("--src", default=SRC, help="folder holding the *-ubyte.gz files")
     args = p.parse_args(argv)
+    if args.size < 1 or (args.limit is not None and args.limit < 1):
+        p.error("--size and --limit must be at least 1")
 
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist", args.split)
     images, labels = load_split(args.src, args.split)
