@@ -228,6 +228,9 @@ def check_args(args):
             raise SystemExit(f"{flag} {v}: must be at least 1")
     if args.shift is not None and not args.shift > 0:
         raise SystemExit(f"--shift {args.shift}: must be positive")
+    if args.cfg_interval and not args.cfg_interval[0] < args.cfg_interval[1]:
+        raise SystemExit(f"--cfg-interval {' '.join(map(str, args.cfg_interval))}: guided where low < t < high, "
+                         "so low must be below high (no guidance: --cfg-scale 1)")
     if args.resolution and min(args.resolution) < 1:
         raise SystemExit(f"--resolution {' '.join(map(str, args.resolution))}: sides must be positive")
     if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():

@@ -2215,6 +2215,7 @@ def test_unreadable_checkpoint_is_one_clear_error(trained, tmp_path):
     ["--resolution", 33, 32],  # XS/16 at 32 px has 2x2 tokens: sides must be even
     ["--images-per-condition", 0],
     ["--shift", 0],
+    ["--cfg-interval", 0.9, 0.1],  # empty: guidance would silently never apply
 ])
 def test_bad_sample_flag_is_named(trained, tmp_path, argv):
     _, ckpt = trained
