@@ -2386,6 +2386,16 @@ print("kernel ok")
 """
 
 
+def triton_interpreter():
+    """Whether Triton is installed with a CPU interpreter that computes: Triton 3.1's (torch 2.5's)
+    returns garbage under numpy 2 (a kernel that doubles 16 floats, checked with numpy 2.4), and
+    with numpy < 2 it runs these checks. Elsewhere the tests check that no kernel is routed."""
+    if not importlib.util.find_spec("triton"):
+        return False
+    import triton
+    return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 2) or int(np.__version__.split(".")[0]) < 2
+
+
 def run_interpreted(script, done):
     """Runs a kernel check script in Triton's CPU interpreter (its own process: the interpreter is
     chosen when Triton is imported) and asserts that it got to the end."""
@@ -2401,7 +2411,7 @@ def test_fused_kernel_matches_torch_path_or_falls_back():
     output, gradients between layers in fp32 and in 16 bits), velocity and every gradient, with and
     without the pixels' gradient, and the head op's fake versions. Without Triton (CI),
     enable() routes nothing and the model computes exactly what it did."""
-    if importlib.util.find_spec("triton"):
+    if triton_interpreter():
         run_interpreted(KERNEL_CHECK, "kernel ok")
     else:
         torch.manual_seed(0)
@@ -2488,9 +2498,10 @@ for xdt, sdt, tol in ((torch.float32, torch.float32, 1e-5), (torch.float32, torc
     d = torch.randn_like(ref)
     a, b = grads(out, (h,), d)[0], grads(ref, (h,), d)[0]
     assert rel(a, b) < tol, ('silu bwd', rel(a, b))
-# fc1 + SiLU gate as one GEMM (sampling): tiles that rows, columns and the k steps do not fill, and
-# fewer persistent programs than tiles
-for M, D, F in ((100, 80, 48), (300, 64, 144)):  # the interpreter wants strides of 16 elements
+# fc1 + SiLU gate as one GEMM (sampling; Triton >= 3.4, whose TMA descriptors it needs): tiles that
+# rows, columns and the k steps do not fill, and fewer persistent programs than tiles (the
+# interpreter wants strides of 16 elements)
+for M, D, F in ((100, 80, 48), (300, 64, 144)) if bk.TensorDescriptor else ():
     x, w1 = torch.randn(M, D).half(), (torch.randn(2 * F, D) / D ** 0.5).half()
     ref, out = swiglu_hidden(x, w1), bk._swiglu(x, w1, 2)
     assert out.dtype == ref.dtype and rel(out, ref) < 1e-3, ('swiglu', M, D, F, rel(out, ref))
@@ -2506,7 +2517,7 @@ def test_block_kernels_match_torch_functions_or_fall_back():
     The launch sizes' host helpers are checked on their own."""
     assert [block_kernel._pow2(n) for n in (1, 2, 3, 64, 65, 1024, 2736)] == [1, 2, 4, 64, 128, 1024, 4096]
     assert [block_kernel._cdiv(a, 32) for a in (0, 1, 32, 33, 256)] == [0, 1, 1, 2, 8]
-    if importlib.util.find_spec("triton"):
+    if triton_interpreter():
         run_interpreted(BLOCK_KERNEL_CHECK, "block kernels ok")
     else:
         torch.manual_seed(0)
@@ -2718,10 +2729,10 @@ def test_optimizer_step_torch_path_and_kernel():
         model.weight.add_(1)
     assert optim_kernel.step(opt, ema, model, 0.9, kernel=True) == 0  # no gradients: the EMA alone moves
     assert not torch.equal(ema.weight, e0[0]) and torch.equal(ema.bias, e0[1] + 0.1 * (model.bias - e0[1]))
-    if importlib.util.find_spec("triton"):
+    if triton_interpreter():
         run_interpreted(OPTIM_KERNEL_CHECK, "optim ok")
-    else:
-        assert optim_kernel.triton is None
+    else:  # no Triton, or an interpreter that cannot run it: the CPU step above is torch's
+        assert optim_kernel.triton is None or not torch.cuda.is_available()
 
 
 def test_bf16_compute_copy_computes_what_autocast_does():
