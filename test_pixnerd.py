@@ -2498,7 +2498,7 @@ for xdt, sdt, tol in ((torch.float32, torch.float32, 1e-5), (torch.float32, torc
     d = torch.randn_like(ref)
     a, b = grads(out, (h,), d)[0], grads(ref, (h,), d)[0]
     assert rel(a, b) < tol, ('silu bwd', rel(a, b))
-# fc1 + SiLU gate as one GEMM (sampling; Triton >= 3.4, whose TMA descriptors it needs): tiles that
+# fc1 + SiLU gate as one GEMM (sampling; where Triton has TMA descriptors: 3.5, not 3.3): tiles that
 # rows, columns and the k steps do not fill, and fewer persistent programs than tiles (the
 # interpreter wants strides of 16 elements)
 for M, D, F in ((100, 80, 48), (300, 64, 144)) if bk.TensorDescriptor else ():
