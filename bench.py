@@ -1,49 +1,33 @@
 """Benchmark PixNerd: training steps (img/s, MFU, peak memory) and sampling (s/step, s/image).
 
     python bench.py --model L/16 XL/16 --batch-size 32 64                 # a GPU, bf16
-    python bench.py --model L/16 --head nerf linear --kernel on off        # what the head costs
+    python bench.py --model L/16 --head nerf linear --fast on off          # what the head costs
     python bench.py --what sample --model L/16 --batch-size 1 64
-    python bench.py --what check --model L/16 XL/16                        # numerics of the fast paths
+    python bench.py --what check --model L/16 XL/16                        # numerics of the fast layer
     python bench.py --model L/16 --batch-size 64 --profile 30              # where the step's time goes
     python bench.py --model L/16 --batch-size 32 --cuda-graphs off on      # train.py --cuda-graphs
     python bench.py --model S/16 --image-size 32 --batch-size 2 --iters 2 --warmup 1   # CPU smoke
 
-A training step is the one train.py runs: flow-matching loss (REPA off), backward (on a GPU through
-train.bf16_compute_copy's bf16 Linear weights), AdamW and the fp32 EMA (optim_kernel.step: one
-kernel with --kernel on, torch's fused AdamW with off). MFU = 3 x forward FLOPs x img/s / 686
-TFLOP/s (the bf16 matmul rate measured on an H100); FLOPs are counted by torch's FlopCounterMode,
-not estimated.
+A training step is the one train.py runs: flow-matching loss (REPA off), backward, AdamW and the
+fp32 EMA; with --fast on (CUDA) through fast.for_training, as train.py (bf16 compute copies, fused
+kernels, compiled blocks, one AdamW + EMA kernel), with off the plain torch step. MFU = 3 x forward
+FLOPs x img/s / the card's bf16 matmul rate (fast.peak_flops); FLOPs are counted by torch's
+FlopCounterMode, not estimated.
 """
 import argparse
 import copy
 import gc
 import itertools
+import math
 import time
 
 import torch
 
-import block_kernel
-import nerf_kernel
-import optim_kernel
+import fast
+from fast import optim
+from flow import training_losses
 from model import MODELS
-from sample import CUDAGraphs, bf16_linears
 from samplers import guided, sample
-from train import PEAK_FLOPS, Objective, bf16_compute_copy, count_flops, peak_gib
-
-
-def prepared(model, how, kernel, graphs=False):
-    """how: none (eager), regions (each block and the head, what train.py and sample.py do) or
-    full (the whole model); kernel: route the neural field through nerf_kernel and the blocks'
-    elementwise work through block_kernel; graphs: compiled with CUDA graphs (reduce-overhead)."""
-    if kernel == "on":
-        nerf_kernel.enable(model)
-        block_kernel.enable(model)
-    mode = {"mode": "reduce-overhead"} if graphs else {}
-    if how == "regions":
-        model.compile_regions(**mode)
-    elif how == "full":
-        model.compile(dynamic=False, **mode)
-    return model
 
 
 def kernel_kind(name):
@@ -112,47 +96,52 @@ def conditions(model, batch, device):
     return y, tuple(torch.zeros_like(v) for v in y)
 
 
-def bench_train(name, head, batch, size, how, kernel, graphs, args, device):
+def bench_train(name, head, batch, size, how, fast_on, graphs, args, device):
     config = {"name": name, "kwargs": {"head": head}}
     model = MODELS[name](head=head).to(device)
-    ema = MODELS[name](head=head).to(device).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    net, copies = bf16_compute_copy(model) if device.type == "cuda" else (model, [])  # as train.py
-    prepared(net, how, kernel, graphs == "on")
-    objective = Objective(net, None)
+    ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
+    if fast_on == "on":  # as train.py
+        net, opt_step, _ = fast.for_training(model, ema, opt, ema_decay=0.9999, compile=how == "regions",
+                                             cuda_graphs=graphs == "on", log=lambda msg: None)
+    else:  # train.py --no-fast: plain torch (compiled here if asked, to see what the kernels add)
+        net = fast.compile_regions(model) if how == "regions" else model
+
+        def opt_step():
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+            opt.step()
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - 0.9999)
+            return norm
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     y, null = conditions(model, batch, device)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    model_params, ema_params = list(model.parameters()), list(ema.parameters())  # as train.py
 
     def step():
-        if graphs == "on":  # as train.py
-            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
-            loss = objective(x, y, null=null)["loss"]
+            loss = training_losses(net, x, y, null=null)["loss"]
         loss.backward()
-        optim_kernel.step(opt, ema_params, model_params, 0.9999, kernel=None if kernel == "on" else False,
-                          copies=copies)
+        opt_step()
         opt.zero_grad(set_to_none=True)
-        net.zero_grad(set_to_none=True)
 
     t_compile = time.perf_counter()
     step()
     t_compile = time.perf_counter() - t_compile
     dt, mem = timed(step, args.iters, args.warmup, device, args.profile)
     if graphs == "on":  # train.py's figure: the graphs' pools are reserved, not allocated, while they replay
-        mem = peak_gib(device, graphs=True)
-    flops = count_flops(config, size)
-    return dict(s_per_iter=dt, img_per_s=batch / dt, mfu=3 * flops * batch / dt / PEAK_FLOPS,
-                peak_gib=mem, first_step_s=t_compile)
+        mem = fast.peak_gib(device, graphs=True)
+    flops = fast.count_flops(config, size)
+    mfu = 3 * flops * batch / dt / fast.peak_flops(device) if device.type == "cuda" else float("nan")
+    return dict(s_per_iter=dt, img_per_s=batch / dt, mfu=mfu, peak_gib=mem, first_step_s=t_compile)
 
 
-def bench_sample(name, head, batch, size, how, kernel, graphs, args, device):
+def bench_sample(name, head, batch, size, how, fast_on, graphs, args, device):
     model = MODELS[name](head=head).to(device).eval().requires_grad_(False)
-    model = prepared(bf16_linears(model) if device.type == "cuda" else model, how, kernel)  # as sample.py
+    if fast_on == "on":  # as sample.py
+        net = fast.for_sampling(model, compile=None if how == "none" else how, cuda_graphs=graphs == "on")
+    else:
+        net = fast.compile_regions(model) if how == "regions" else model
     noise = torch.randn(batch, 3, size, size, device=device)
-    fn = guided(CUDAGraphs(model) if graphs == "on" else model, *conditions(model, batch, device), 3.5, (0.1, 1.0))
+    fn = guided(net, *conditions(model, batch, device), 3.5, (0.1, 1.0))
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
     def run():
@@ -181,7 +170,7 @@ def optim_check(model):
         for _ in range(2):
             for p, q in zip(m.parameters(), model.parameters()):
                 p.grad = None if q.grad is None else q.grad.clone()
-            optim_kernel.step(opt, ema, m, 0.9, kernel=kernel)
+            optim.step(opt, ema, m, 0.9, kernel=kernel)
         out.append([*m.parameters(), *ema.parameters()])
     ulp = lambda a: torch.nextafter(a, torch.tensor(float("inf"), device=a.device)) - a
     before = [*model.parameters(), *model.parameters()]
@@ -189,13 +178,13 @@ def optim_check(model):
                for a, b, p in zip(*out, before))
 
 
-def check(name, head, batch, size, how, kernel, graphs, args, device):
-    """Relative errors of the fast paths: bf16 autocast (compiled, fused kernels if on) against
-    fp32 eager on the same weights; the eager fused kernels (neural field and blocks) against the
-    bf16 torch path and against fp32, velocity and gradients, and the whole-field inference kernel;
-    CUDA-graph sampling against plain calls. The zero-initialised output layer is randomised so
-    that every path contributes. head and batch are fixed (nerf, 4). Text-to-image models get
-    random text features with padding masks of lengths 3, 16, 40 and all."""
+def check(name, head, batch, size, how, fast_on, graphs, args, device):
+    """Relative errors against fp32 eager on the same weights: the path train.py and sample.py run
+    (bf16 autocast, the fast layer if on, compiled as --compile says) and the plain bf16 path; with
+    the fast layer, its eager modules against the plain bf16 ones, velocity and gradients, the
+    inference kernels, the AdamW + EMA kernel and CUDA-graph sampling. The zero-initialised output
+    layer is randomised so that every path contributes. head and batch are fixed (nerf, 4).
+    Text-to-image models get random text features with padding masks of lengths 3, 16, 40 and all."""
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
     for p in model.head.out.parameters():
@@ -205,43 +194,35 @@ def check(name, head, batch, size, how, kernel, graphs, args, device):
     cond = conditions(model, 4, device)
     y = cond[0] if model.text_dim else cond[:1]  # the model's arguments after x and t
     autocast = torch.autocast(device.type, torch.bfloat16)
-    with torch.no_grad():
-        torch.backends.cuda.matmul.allow_tf32 = False
-        ref = model(x, t, *y)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    r = {}
-    if kernel == "on":  # fused kernels vs the bf16 torch path (eager), forward and backward
-        outs = []
-        for on, cast in ((False, False), (False, True), (True, True)):  # fp32 reference, bf16 torch, kernels
-            nerf_kernel.enable(model, on)
-            block_kernel.enable(model, on)
-            model.zero_grad(set_to_none=True)
-            torch.backends.cuda.matmul.allow_tf32 = cast
-            with torch.autocast(device.type, torch.bfloat16, enabled=cast):
-                v = model(x, t, *y)
-            v.float().square().mean().backward()
-            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-            outs.append((v.detach(), grads, [p.grad.clone() for p in model.head.parameters()]))
-        r["kernel_vs_torch_v"] = rel(outs[2][0], outs[1][0])
-        r["kernel_vs_fp32_v"] = rel(outs[2][0], outs[0][0])  # the eager kernels' bf16 error
-        r["kernel_vs_torch_head_grads"] = max(rel(a, b) for a, b in zip(outs[2][2], outs[1][2]))
-        # every parameter's gradient against fp32, the bf16 torch path's error beside the kernels'
-        r["torch_vs_fp32_grads"] = max(rel(a, b) for a, b in zip(outs[1][1], outs[0][1]))
-        r["kernel_vs_fp32_grads"] = max(rel(a, b) for a, b in zip(outs[2][1], outs[0][1]))
-        if optim_kernel.triton is not None and device.type == "cuda":  # these gradients, two steps
+    fast_model = copy.deepcopy(model)
+    swapped = fast.enable(fast_model) if fast_on == "on" else 0
+    outs = []  # forward and backward: fp32, plain bf16, fast bf16 (eager)
+    for m, cast in ((model, False), (model, True), (fast_model, True)):
+        m.zero_grad(set_to_none=True)
+        torch.backends.cuda.matmul.allow_tf32 = cast
+        with torch.autocast(device.type, torch.bfloat16, enabled=cast):
+            v = m(x, t, *y)
+        v.float().square().mean().backward()
+        outs.append((v.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    ref = outs[0][0]
+    r = {"plain_bf16_vs_fp32_v": rel(outs[1][0], ref), "plain_bf16_vs_fp32_grads": max(
+        rel(a, b) for a, b in zip(outs[1][1], outs[0][1]))}
+    if swapped:
+        r["fast_vs_plain_v"] = rel(outs[2][0], outs[1][0])
+        r["fast_vs_fp32_v"] = rel(outs[2][0], ref)
+        r["fast_vs_fp32_grads"] = max(rel(a, b) for a, b in zip(outs[2][1], outs[0][1]))
+        if optim.triton is not None and device.type == "cuda":  # these gradients, two steps
             r["adamw_ema_kernel_vs_torch_ulps"] = optim_check(model)
-        block_kernel.enable(model, False)
-        with torch.no_grad(), autocast:  # inference: the whole-field kernel against the torch path
-            fast = model(x, t, *y)
-            nerf_kernel.enable(model, False)
-            r["field_kernel_vs_torch_v"] = rel(fast, model(x, t, *y))
-    prepared(model, how, kernel)
+        with torch.no_grad(), autocast:  # inference: the whole-field and SwiGLU kernels
+            r["fast_inference_vs_plain_v"] = rel(fast_model(x, t, *y), model(x, t, *y))
+    net = fast.compile_regions(fast_model) if how == "regions" else fast_model
     with torch.no_grad(), autocast:
-        r["bf16_vs_fp32_v"] = rel(model(x, t, *y), ref)
-        if graphs == "on" and device.type == "cuda":  # sample.py's path: bf16 Linears, CUDA graphs
+        r["bf16_vs_fp32_v"] = rel(net(x, t, *y), ref)  # what train.py and sample.py compute
+        if graphs == "on" and device.type == "cuda":  # sample.py's path: bf16 weights, CUDA graphs
             fn = guided(model, *cond, 3.5, (0.1, 1.0))
-            fast = guided(CUDAGraphs(bf16_linears(copy.deepcopy(model))), *cond, 3.5, (0.1, 1.0))
-            r["sample_py_vs_plain_sample"] = rel(sample(fast, x, 10), sample(fn, x, 10))
+            fast_fn = guided(fast.for_sampling(copy.deepcopy(model)), *cond, 3.5, (0.1, 1.0))
+            r["sample_py_vs_plain_sample"] = rel(sample(fast_fn, x, 10), sample(fn, x, 10))
     return r
 
 
@@ -253,9 +234,9 @@ def main():
     p.add_argument("--batch-size", nargs="+", type=int, default=[32, 64])
     p.add_argument("--compile", nargs="+", choices=["none", "regions", "full"],
                    default=["regions" if torch.cuda.is_available() else "none"])
-    p.add_argument("--kernel", nargs="+", choices=["on", "off"], default=["on"],
-                   help="the fused kernels of the neural field, the blocks and AdamW + EMA (CUDA + Triton; "
-                        "off elsewhere whatever this says)")
+    p.add_argument("--fast", nargs="+", choices=["on", "off"], default=["on"],
+                   help="the fast layer (fast/: bf16 copies, fused kernels, AdamW + EMA kernel), as train.py and "
+                        "sample.py run it (CUDA + Triton; the plain path elsewhere whatever this says)")
     p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=None,
                    help="sampling: replay each model call (default on); compiled CUDA training: the compiled "
                         "regions in reduce-overhead mode, as train.py --cuda-graphs (default off)")
@@ -275,7 +256,7 @@ def main():
         print(f"# CPU, torch {torch.__version__}, fp32, {args.image_size}px")
     fns, seen = {"train": bench_train, "sample": bench_sample, "check": check}, set()
     for what, name, head, how, kernel, graphs, batch in itertools.product(
-            args.what, args.model, args.head, args.compile, args.kernel, args.cuda_graphs or ["default"],
+            args.what, args.model, args.head, args.compile, args.fast, args.cuda_graphs or ["default"],
             args.batch_size):
         if graphs == "default":
             graphs = "off" if what == "train" else "on"
@@ -283,8 +264,10 @@ def main():
             graphs = "-"  # CUDA graphs come with compiled CUDA training
         if what == "check":
             head, batch = "nerf", 4
-        if kernel == "on" and not nerf_kernel.available():
-            kernel = "n/a"  # no Triton or no GPU: the torch path
+        if what == "train" and how == "full":
+            continue  # train.py compiles regions only
+        if kernel == "on" and not fast.nerf.available():
+            kernel = "n/a"  # no Triton or no GPU: the plain path
         if device.type != "cuda" and what != "train":
             graphs = "n/a"
         if (what, name, head, how, kernel, graphs, batch) in seen:
@@ -296,7 +279,7 @@ def main():
         except torch.OutOfMemoryError:
             r = {"error": "out of memory"}
         cells = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
-        print(f"{what:6s} {name:6s} {head:6s} {how:7s} kernel {kernel:3s} graphs {graphs:3s} batch {batch:3d} | {cells}",
+        print(f"{what:6s} {name:6s} {head:6s} {how:7s} fast {kernel:3s} graphs {graphs:3s} batch {batch:3d} | {cells}",
               flush=True)
         if device.type == "cuda":  # the next peak without this run's tensors (compiled modules hold cycles)
             gc.collect()

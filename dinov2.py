@@ -1,4 +1,5 @@
-"""The frozen REPA target: DINOv2 ViT-B/14 without registers (official spec Sec. 2.4).
+"""The frozen REPA target: DINOv2 ViT-B/14 without registers (official src/models/encoder.py: DINOv2, used by
+src/diffusion/flow_matching/training_repa.py: REPATrainer).
 
 Our own small copy of the facebookresearch/dinov2 torch-hub `dinov2_vitb14`, so the released
 `dinov2_vitb14_pretrain.pth` loads under its own key names and nothing is ever downloaded or

@@ -34,6 +34,8 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+from checkpoints import is_temporary, write_atomic
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The FID Inception-v3 (pytorch-fid's FIDInception* layout, so its .pth loads as is)
 
@@ -297,9 +299,9 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
 def image_files(folder):
-    """The folder's images, leaving out the NNNNNN.tmp.png that a killed sample.py may leave."""
+    """The folder's images, leaving out the temporary NNNNNN.<pid>.tmp.png that a killed sample.py may leave."""
     return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTS) and not os.path.splitext(f)[0].endswith(".tmp"))
+                  if f.lower().endswith(IMAGE_EXTS) and not is_temporary(f))
 
 
 def _read_image(path):
@@ -411,9 +413,7 @@ def load_stats(path, get_model, batch_size=64, device="cpu", weights=None):
         computed.update(mu=computed["acts"].mean(0), sigma=np.cov(computed["acts"], rowvar=False),
                         mu_s=spatial.mean(0), sigma_s=np.cov(spatial, rowvar=False))
         try:
-            with open(cache + ".tmp", "wb") as f:  # write-then-rename: a killed run leaves no torn cache
-                np.savez(f, cache_key=key, **computed)
-            os.replace(cache + ".tmp", cache)
+            write_atomic(cache, lambda tmp: np.savez(tmp, cache_key=key, **computed))  # a kill leaves no torn cache
         except OSError as e:  # e.g. a read-only reference folder: the statistics are good, only the cache is lost
             warnings.warn(f"{cache}: not written ({e})")
     return {**computed, **given}

@@ -1,5 +1,6 @@
-"""The rectified-flow training objective of PixNerd (paper Sec. 3.1 and Training Details;
-official spec Sec. 4), with REPA alignment to DINOv2 features.
+"""The rectified-flow training objective of PixNerd (paper Sec. 3.1 and Sec. 4;
+official src/diffusion/flow_matching/training_repa.py: REPATrainer), with REPA alignment to DINOv2
+features.
 
 Convention (the official code's, opposite to the paper's notation): t = 0 is pure noise,
 t = 1 is data, x_t = t x + (1 - t) eps, and the network predicts v = x - eps.

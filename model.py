@@ -2,8 +2,8 @@
 
 Paper: "PixNerd: Pixel Neural Field Diffusion". Where the paper and the official code
 (MCG-NJU/PixNerd @ 6da060bd) differ, this file follows the code, because that is what the released
-checkpoints compute, and says so in a comment. Spec sections (Sec. x.y) refer to the official
-implementation notes.
+checkpoints compute, and says so in a comment. Official code is cited by file and class, paper
+equations by number.
 
 The network knows nothing of timestep distributions or solvers: `model(x, t, y)` returns the
 velocity for noisy pixels x at time t (t = 0 noise, t = 1 data) and condition y (class labels,
@@ -23,8 +23,8 @@ from nerf_head import NerfHead, RMSNorm
 # ---------------------------------------------------------------------------------------------
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal features of t in [0, 1] then an MLP. The official code uses max_period 10 on
-    the raw t (not DiT's 10000 on 1000 t), with cos before sin (Sec. 2.2.3)."""
+    """Sinusoidal features of t in [0, 1] then an MLP. As the official TimestepEmbedder
+    (pixnerd_c2i.py): max_period 10 on the raw t (not DiT's 10000 on 1000 t), cos before sin."""
 
     def __init__(self, dim, freq_dim=256, max_period=10.0):
         super().__init__()
@@ -51,9 +51,10 @@ def rope_2d(ht, wt, head_dim, mode="normalized", theta=10000.0, device=None):
 
     Channel pairs (2j, 2j+1) rotate together; even pairs j rotate by the column position times
     f_{j/2}, odd pairs by the row position times f_{(j-1)/2}, f_k = theta^(-4k/head_dim).
-    mode "normalized" (c2i): positions linspace(0, 16, n) at every resolution (Sec. 2.2.8).
-    mode "grid" (official t2i): x on linspace(0, ht, wt) and y on linspace(0, wt, ht): the
-    official code swaps the extents; kept so released t2i weights compute the same.
+    mode "normalized" (c2i, official precompute_freqs_cis_2d): positions linspace(0, 16, n) at
+    every resolution. mode "grid" (official t2i, layers/rope.py: precompute_freqs_cis_ex2d): x on
+    linspace(0, ht, wt) and y on linspace(0, wt, ht), the extents swapped as the official code
+    does, so that released t2i weights compute the same.
     """
     f32 = dict(dtype=torch.float32, device=device)
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 4, **f32)[: head_dim // 4] / head_dim)
@@ -70,40 +71,22 @@ def rope_2d(ht, wt, head_dim, mode="normalized", theta=10000.0, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs (a, b) of x (B, N, heads, hd) to (a cos - b sin, a sin + b cos),
-    angles from (cos, sin) (N, hd/2). Written as x * (c, c) + (b, a) * (-s, s): Inductor turns
-    the pair swap into one load per element, a third faster than building (-b, a) with a stack
-    (and the form that stacked both rotated halves took 30% of an L/16 batch-128 forward).
-    The official code rotates in fp32 and rounds once (spec Sec. 2.2); here the rotation runs in
-    x's dtype, so under bf16 autocast the products round too: on bf16 q of 64- or 72-channel heads
-    the error against fp64 is 2.8e-3 against 2.3e-3. In fp32 the two are the same computation."""
-    cos = cos.repeat_interleave(2, -1)[:, None].to(x.dtype)                   # (N, 1, hd): c, c
-    sin = torch.stack([-sin, sin], -1).flatten(-2)[:, None].to(x.dtype)        # -s, s
-    return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin
+    """Rotate each channel pair (a, b) of x (B, N, heads, hd) to (a cos - b sin, a sin + b cos),
+    angles from (cos, sin) (N, hd/2); in fp32, rounded once to x's dtype, as the official code."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)            # (B, N, heads, hd/2) each
+    cos, sin = cos[:, None], sin[:, None]                          # (N, 1, hd/2)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # Transformer
 # ---------------------------------------------------------------------------------------------
 
-def norm_rope(x, norm, rope):
-    """q or k (B, N, heads, hd): RMSNorm over each head's channels, then 2-D RoPE (rope: (cos, sin))."""
-    x = norm(x)
-    return x if rope is None else apply_rope(x, *rope)
-
-
-def qk_norm_rope(qkv, q_norm, k_norm, rope):
-    """q, k, v from the qkv projection's output (B, N, 3, heads, hd): q and k through norm_rope,
-    each with its own norm, v as it is. One function for the three so that block_kernel's version
-    can write all three gradients into one tensor of qkv's layout."""
-    q, k, v = qkv.unbind(2)
-    return norm_rope(q, q_norm, rope), norm_rope(k, k_norm, rope), v
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with q/k RMSNorm and 2-D RoPE, through SDPA (flash attention
-    on CUDA). With text_dim set it is the official t2i "one-way joint" attention: image queries
-    attend to [image keys; text keys], text k/v come from the refined text (Sec. 7.3)."""
+    on CUDA). With text set it is the official t2i "one-way joint" attention (pixnerd_t2i.py:
+    Attention): image queries attend to [image keys; text keys], text k/v come from the refined
+    text and get no RoPE."""
 
     def __init__(self, dim, num_heads, text=False):
         super().__init__()
@@ -114,42 +97,32 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim)  # shared by image and text keys, as official
         self.proj = nn.Linear(dim, dim)
 
-    qk_norm_rope = staticmethod(qk_norm_rope)  # block_kernel.enable() puts a fused kernel on the instance
-
     def forward(self, x, rope=None, text=None, mask=None):
-        B, N, D = x.shape
-        # q, k, v stay in the (B, N, heads, hd) layout the projections produce and consume; SDPA
-        # reads them through transposed views. Permuting to (B, heads, N, hd) first made the
-        # fused norm/RoPE kernels and their backward copies 10% of an L/16 training step.
-        q, k, v = self.qk_norm_rope(self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim), self.q_norm,
-                                    self.k_norm, rope)
-        if text is not None:  # text tokens: keys and values only, no RoPE
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, heads, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.attend(q, k, v, text, mask)
+
+    def attend(self, q, k, v, text=None, mask=None):
+        """softmax(q k^T / sqrt(hd)) v over the image tokens and, for t2i, the text tokens, then
+        the output projection. q, k, v: (B, N, heads, hd); text: (B, L_text, D)."""
+        B, N = q.shape[:2]
+        if text is not None:
             kt, vt = self.kv_text(text).view(B, -1, 2, self.num_heads, self.head_dim).unbind(2)
             k, v = torch.cat([k, self.k_norm(kt)], dim=1), torch.cat([v, vt], dim=1)
         x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
-
-
-def silu_gate(h):
-    """SiLU(gate) * value for h = [gate, value] (..., 2F), the fc1 output of SwiGLU."""
-    gate, value = h.chunk(2, dim=-1)
-    return F.silu(gate) * value
-
-
-def swiglu_hidden(x, w1):
-    """SiLU(x W1) * x W3, the hidden layer of SwiGLU, for fc1's weight w1 = [W1; W3] (2F, D)."""
-    return silu_gate(F.linear(x, w1))
+        return self.proj(x.transpose(1, 2).reshape(B, N, -1))
 
 
 class SwiGLU(nn.Module):
-    """fc2(SiLU(x W1) * x W3), with W1 and W3 fused in one matmul (fc1 = [W1; W3]).
+    """W2 (SiLU(W1 x) * W3 x), with W1 and W3 stacked in one Linear fc1 = [W1; W3].
 
-    The official c2i width 2/3 * 4D is not a multiple of 8 for every D (L/16: 2730): rows of
-    2730 bf16 values are not 16-byte aligned and cuBLAS falls back to slower kernels (one such
-    matmul was 8% of an L/16 training step on an H100). The weights are zero-padded on the fly
-    to a multiple of 8 hidden units: the padded units are SiLU(0) * 0 = 0 and meet zero columns
-    of W2, so the output and the real weights' gradients are unchanged, and the parameters keep
-    the official shapes."""
+    The official c2i width int(2/3 * 4D) is not a multiple of 8 for every D (L/16: 2730), and
+    cuBLAS is slow on rows that are not 16-byte aligned; `weights` zero-pads the hidden units to a
+    multiple of 8 (SiLU(0) * 0 = 0 meets zero columns of W2: the same output and gradients), so
+    the parameters keep the official shapes."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -157,29 +130,29 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, bias=False)
         self.pad = -hidden % 8
 
-    hidden = staticmethod(swiglu_hidden)  # block_kernel.enable() puts fused kernels on the instance
-
-    def forward(self, x):
-        w1, w2 = self.fc1.weight, self.fc2.weight                      # (2F, D), (D, F)
+    def weights(self):
+        """fc1's and fc2's weights, (2F', D) and (D, F'), with F' = F zero-padded to a multiple of 8."""
+        w1, w2 = self.fc1.weight, self.fc2.weight
         if self.pad:
             w1 = F.pad(w1.unflatten(0, (2, -1)), (0, 0, 0, self.pad)).flatten(0, 1)
             w2 = F.pad(w2, (0, self.pad))
-        return F.linear(self.hidden(x, w1), w2)
+        return w1, w2
+
+    def forward(self, x):
+        w1, w2 = self.weights()
+        gate, value = F.linear(x, w1).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * value, w2)
 
 
-def modulate(x, norm, shift, scale):
-    """adaLN: the normalised x (B, N, D) shifted and scaled per image, shift and scale (B, 1, D)."""
-    return norm(x) * (1 + scale) + shift
-
-
-def gated_residual(x, gate, y):
-    """The residual update x + gate * y of a branch's output y, gate (B, 1, D) from the adaLN."""
-    return x + gate * y
+def modulate(x, shift, scale):
+    """adaLN: x (B, N, D) scaled and shifted per image, shift and scale (B, 1, D)."""
+    return x * (1 + scale) + shift
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with a per-block adaLN of 6 chunks. The official adaLN keeps
-    PyTorch's default init (it is not DiT's adaLN-Zero) and has no SiLU: c is already SiLU'd."""
+    """Pre-norm transformer block with a per-block adaLN of 6 chunks (official FlattenDiTBlock).
+    The official adaLN keeps PyTorch's default init (it is not DiT's adaLN-Zero) and has no
+    SiLU: c is already SiLU'd."""
 
     def __init__(self, dim, num_heads, mlp_hidden, text=False):
         super().__init__()
@@ -189,13 +162,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden)
         self.adaLN = nn.Linear(dim, 6 * dim)
 
-    # block_kernel.enable() puts fused kernels of these on the instance (eager CUDA speed)
-    modulate, gated_residual = staticmethod(modulate), staticmethod(gated_residual)
-
     def forward(self, x, c, rope=None, text=None, mask=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
-        x = self.gated_residual(x, gate1, self.attn(self.modulate(x, self.norm1, shift1, scale1), rope, text, mask))
-        return self.gated_residual(x, gate2, self.mlp(self.modulate(x, self.norm2, shift2, scale2)))
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, text, mask)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class LinearHead(nn.Module):
@@ -258,7 +228,7 @@ class PixNerd(nn.Module):
         if text_dim is None:
             self.y_embedder = nn.Embedding(num_classes + 1, D)  # row num_classes: null class (CFG)
             nn.init.normal_(self.y_embedder.weight, std=0.02)
-        else:  # Sec. 7.2: y = RMSNorm(Linear(txt)) + learned positions, then refine blocks
+        else:  # official pixnerd_t2i.py: y = RMSNorm(Linear(txt)) + learned positions, then TextRefineBlocks
             self.text_embed = nn.Linear(text_dim, D)
             self.text_norm = RMSNorm(D)
             self.text_pos = nn.Parameter(torch.randn(1, text_len, D))
@@ -273,9 +243,10 @@ class PixNerd(nn.Module):
     def forward(self, x, t, y, text_mask=None, size=None, return_align=False):
         """x: (B, C, H, W) noisy pixels; t: (B,); y: (B,) labels or (B, L_text, text_dim).
 
-        size=(H0, W0): arbitrary-resolution sampling (paper Fig. 3, Sec. 7.4). The transformer
-        sees x resized (nearest) to H0 x W0, the token grid it was trained on; the neural field
-        decodes each token at (H/H0)*p x (W/W0)*p pixels of the full-resolution x.
+        size=(H0, W0): arbitrary-resolution sampling (paper Fig. 3; official
+        pixnerd_t2i_heavydecoder.py). The transformer sees x resized (nearest) to H0 x W0, the
+        token grid it was trained on; the neural field decodes each token at (H/H0)*p x (W/W0)*p
+        pixels of the full-resolution x.
         text_mask: (B, L_text) bool, True for real tokens. The official code attends padded text
         tokens; None keeps that behaviour. A caption with no token at all (GPT-style tokenisers
         encode "" so) attends to every position rather than to none.
@@ -290,8 +261,7 @@ class PixNerd(nn.Module):
         x0 = x if (H0, W0) == (H, W) else F.interpolate(x, size=(H0, W0), mode="nearest")
         tokens = patchify(x0, p, p).transpose(2, 3).flatten(2)  # (B, L, C*p*p), (c, ky, kx) order
         # The residual stream keeps the higher of the input's and the parameters' precision (fp32
-        # under autocast, as in nanoGPT): a bf16 stream would round at every block and halve the
-        # accuracy of the bf16 fast path.
+        # under autocast, as in nanoGPT): a bf16 stream would round at every block.
         h = self.patch_embed(tokens).to(torch.promote_types(x.dtype, self.patch_embed.weight.dtype))  # (B, L, D)
         t_emb = self.t_embedder(t)                                # (B, 1, D)
 
@@ -323,24 +293,12 @@ class PixNerd(nn.Module):
             v = unpatchify(out, ht, wt, p, p)
         else:
             ph, pw = H // ht, W // wt
-            s = F.silu(t_emb + h)  # hand-off (Sec. 2.2.10): no final norm, label not re-added
+            s = F.silu(t_emb + h)  # official hand-off: no final norm, label not re-added
             out = self.head(s.flatten(0, 1), patchify(x, ph, pw).flatten(0, 1), ph, pw)
             v = unpatchify(out.view(B, ht * wt, ph * pw, C), ht, wt, ph, pw)
         if return_align and h_align is None:
             raise ValueError(f"align_layer {self.align_layer} is not one of the {len(self.blocks)} blocks")
         return (v, h_align) if return_align else v
-
-    def compile_regions(self, **kwargs):
-        """torch.compile each transformer block and the head in place (regional compilation):
-        the blocks share one compiled graph, so compile time is that of one block, and the
-        state-dict keys stay unprefixed. Shapes are static by default: sampling alternates two
-        batch sizes (with and without the CFG branch), and dynamic-shape kernels run slower. Past
-        torch's recompile limit (8 shapes per process) a block runs eagerly, still correct."""
-        kwargs = {"dynamic": False, **kwargs}
-        for block in [*self.blocks, *getattr(self, "text_blocks", [])]:
-            block.compile(**kwargs)
-        self.head.compile(**kwargs)
-        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +322,7 @@ def PixNerd_XL(**kw):  # 700,589,219 parameters; the official tag says 24 blocks
     return PixNerd(**{"hidden_size": 1152, "depth": 26, "num_heads": 16, "nerf_depth": 4, **kw})
 
 def PixNerd_T2I(hidden_size, **kw):
-    """Official t2i settings (Sec. 7): SwiGLU 4D, grid RoPE, cosine encoding, W1-only norm."""
+    """Official t2i settings (configs_t2i, pixnerd_t2i.py): SwiGLU 4D, grid RoPE, cosine encoding, W1-only norm."""
     return PixNerd(**{"hidden_size": hidden_size, "mlp_hidden": 4 * hidden_size, "rope": "grid", "encoding": "cos",
                       "nerf_norm": "fc1", "text_dim": 2048, "text_len": 128, "text_depth": 4,
                       "align_layer": 6, **kw})
@@ -390,82 +348,3 @@ MODELS = {
     "T2I-XS/16": PixNerd_T2I_XS, "T2I-S/16": PixNerd_T2I_S, "T2I-S/8": lambda **kw: PixNerd_T2I_S(**{"patch_size": 8, **kw}),
     "XXL/16": PixNerd_XXL,
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Official checkpoints
-# ---------------------------------------------------------------------------------------------
-
-_RENAMES = [  # (official prefix, ours), first match wins
-    ("s_embedder.proj.", "patch_embed."), ("y_embedder.embedding_table.", "y_embedder."),
-    ("y_embedder.proj.", "text_embed."), ("y_embedder.norm.", "text_norm."),
-    ("x_embedder.embedder.0.", "head.embed."), ("final_layer.norm.", "head.norm_out."),
-    ("final_layer.linear.", "head.out."), ("text_refine_blocks.", "text_blocks."),
-]
-_BLOCK_RENAMES = [("adaLN_modulation.0.", "adaLN."), ("attn.qkv_x.", "attn.qkv."),
-                  ("attn.kv_y.", "attn.kv_text."), ("mlp.w12.", "mlp.fc1."), ("mlp.w3.", "mlp.fc2.")]
-
-
-def convert_official(state_dict):
-    """Map an official PixNerd state dict (a Lightning .ckpt, its "state_dict", with the
-    `ema_denoiser.` or `denoiser.` prefix, or bare denoiser keys) to this model's keys.
-
-    The EMA weights are taken when present. The transformer / neural-field split is read from
-    the keys (transformer blocks have attention weights, neural-field blocks a parameter
-    generator), so the XL tag/config mismatch (24 vs 26 blocks) cannot bite.
-    """
-    sd = state_dict.get("state_dict", state_dict)
-    for prefix in ("ema_denoiser.", "denoiser.", ""):
-        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        if any(k.startswith(("blocks.", "s_embedder.")) for k in sub):
-            break
-    else:
-        raise ValueError("not an official PixNerd state dict: no blocks.* / s_embedder.* keys")
-    sub = {k: v for k, v in sub.items() if not k.startswith("diffusion_trainer.")}
-    nerf_ids = sorted({int(k.split(".")[1]) for k in sub if ".param_generator1." in k})
-    first_nerf = nerf_ids[0] if nerf_ids else None
-    c2i_mlp = {k for k in sub if k.endswith("mlp.w1.weight")}
-
-    out = {}
-    for k, v in sub.items():
-        new = k
-        if k == "y_pos_embedding":
-            new = "text_pos"
-        for old, ours in _RENAMES:
-            if k.startswith(old):
-                new = ours + k[len(old):]
-                break
-        if k.startswith(("blocks.", "text_refine_blocks.")):
-            i = int(k.split(".")[1])
-            if k.startswith("blocks.") and first_nerf is not None and i >= first_nerf:
-                new = f"head.blocks.{i - first_nerf}." + k.split(".", 2)[2]
-                new = new.replace("param_generator1.0.", "generator.")
-            elif k.endswith(("mlp.w1.weight", "mlp.w3.weight", "mlp.w2.weight")) and c2i_mlp:
-                base = new.rsplit("mlp.", 1)[0]
-                if k.endswith("w2.weight"):
-                    new = base + "mlp.fc2.weight"
-                elif k.endswith("w1.weight"):  # fc1 = [W1; W3]: gate first, then value
-                    new, v = base + "mlp.fc1.weight", torch.cat([v, sub[k[:-len("w1.weight")] + "w3.weight"]])
-                else:
-                    continue  # consumed with w1
-            else:
-                for old, ours in _BLOCK_RENAMES:
-                    new = new.replace(old, ours)
-        out[new] = v
-    return out
-
-
-def load_weights(model, state_dict):
-    """load_state_dict(strict=True) with one clear error naming the first bad key and shapes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit this model: missing key {missing[:1]}, "
-                         f"unexpected key {unexpected[:1]} ({len(missing)} missing, {len(unexpected)} unexpected)")
-    for k, v in state_dict.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"checkpoint does not fit this model: {k} has shape {tuple(v.shape)} "
-                             f"in the checkpoint but {tuple(own[k].shape)} in the model")
-    model.load_state_dict(state_dict, strict=True)
-    return model

@@ -1,9 +1,10 @@
-"""The patch-wise neural field of PixNerd (paper Sec. 3.2, Eq. 9-12; official spec Sec. 3).
+"""The patch-wise neural field of PixNerd (paper Sec. 3.2, Eq. 9-12).
 
 The transformer's last hidden state s of each patch predicts the weights of a small MLP
-(Eq. 9). The MLP maps every pixel's coordinate encoding (Eq. 12) together with its noisy pixel
-value to that pixel's velocity (Eq. 10-11). All patches are decoded at once with batched
-matrix products: one `bmm` per layer over (patches, pixels, channels), no Python loop.
+(Eq. 9). The weights are row-wise normalised, and the MLP maps every pixel's coordinate encoding
+(Eq. 12) together with its noisy pixel value to features (Eq. 10), which a shared linear layer
+decodes to the pixel's velocity (Eq. 11). All patches are decoded at once with batched matrix
+products over (patches, pixels, channels).
 
 A patch can be decoded at P' != 16 pixels per side by sampling the coordinate encoding at P'
 points: that is the training-free arbitrary-resolution trick of the paper (Fig. 3).
@@ -43,7 +44,8 @@ def coordinate_encoding(kind, ph, pw, device=None, dtype=torch.float32):
     """Coordinate encoding of a ph x pw patch, shape (ph*pw, 64).
 
     kind:
-      "dct"    the official c2i "DCT basis" (spec Sec. 3.2, paper Eq. 12). Coordinates are
+      "dct"    paper Eq. 12 as the official c2i code computes it (pixnerd_c2i.py:
+               NerfEmbedder.fetch_pos), the released checkpoints' encoding. Coordinates are
                endpoint-inclusive, u = c/(P-1); the 8 frequencies are linspace(0, 8, 8), which
                are not integers; each product is damped by 1/(1 + f_a f_b). Feature k = 8a + b,
                a indexes the column (x) frequency, b the row (y) frequency.
@@ -51,7 +53,8 @@ def coordinate_encoding(kind, ph, pw, device=None, dtype=torch.float32):
                ablation; not what the released checkpoints use).
       "sincos" the NeRF-style sine/cosine encoding of Eq. 7 (paper Fig. 6d ablation): 16
                frequencies, sin and cos, for x and y.
-      "cos"    the official text-to-image encoding (spec Sec. 7.3): separable cosines
+      "cos"    the official text-to-image encoding (pixnerd_t2i.py, from
+               layers/rope.py: precompute_freqs_cis_ex2d): separable cosines
                feat[2j] = cos(X w_j), feat[2j+1] = cos(Y w_j), w_j = 1e4^(-j/32), X and Y on
                linspace(0, 16, P). The official code gets it by casting a complex RoPE table to
                real, which drops the sines.
@@ -100,45 +103,28 @@ def no_autocast(x):
     return contextlib.nullcontext() if device == "meta" else torch.autocast(device, enabled=False)
 
 
-def patch_mlp(h, w, norm, norm_w2=True):
-    """One residual layer of every patch's MLP: h + SiLU(norm(h) W1) W2 (Eq. 10).
-
-    h: (N, pixels, width) per-pixel features; w: (N, 2 * width * hidden), each patch's predicted
-    weights (Eq. 9), W1 (width, hidden) then W2 (hidden, width), stored (in, out).
-    Eq. 10 scales each output unit's weights to unit L2 norm. Since x (W diag(s)) = (x W) diag(s),
-    the scales s_j = 1 / |w_j| multiply the matmul outputs in fp32: the weights are rounded to the
-    matmul dtype once, as the generator wrote them, and no normalised copy is made. The matmuls
-    read operands in w's dtype (bf16 under autocast) and accumulate and return fp32.
-    nerf_kernel.py holds a fused CUDA version of this function (same arithmetic, on chip).
-    """
-    N, P, C = h.shape
-    dt = w.dtype
-    w1, w2 = w.chunk(2, dim=-1)
-    w1, w2 = w1.view(N, C, -1), w2.view(N, -1, C)                      # (N, C, hid), (N, hid, C)
-    s1 = 1 / torch.linalg.vector_norm(w1, dim=1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
-    s2 = 1 / torch.linalg.vector_norm(w2, dim=1, keepdim=True, dtype=torch.float32).clamp_min(1e-12) \
-        if norm_w2 else 1.0                                            # (N, 1, hid), (N, 1, C)
-    with no_autocast(h):
-        a = torch.bmm(norm(h).to(dt).float(), w1.float()) * s1        # (N, P, hid), fp32
-        o = torch.bmm(F.silu(a).to(dt).float(), w2.float()) * s2      # (N, P, C), fp32
-    return h + o.to(h.dtype)
-
-
 class NerfBlock(nn.Module):
-    """One residual layer of the per-patch MLP. Its weights are predicted from s (Eq. 9),
-    row-wise normalised (Eq. 10: each output unit's weights over its inputs), then
-    h <- h + SiLU(RMSNorm(h) W1) W2 (no biases)."""
+    """One residual layer of every patch's MLP, h <- h + SiLU(RMSNorm(h) W1) W2 (no biases), with
+    W1 and W2 predicted from the patch's hidden state s (Eq. 9) and row-wise normalised (Eq. 10)."""
 
     def __init__(self, cond_dim, width, mlp_ratio=2, norm_w2=True):
         super().__init__()
         self.width, self.hidden, self.norm_w2 = width, width * mlp_ratio, norm_w2
-        self.generator = nn.Linear(cond_dim, 2 * width * self.hidden)  # Eq. 9: theta = W_g s + b_g
+        self.generator = nn.Linear(cond_dim, 2 * width * self.hidden)
         self.norm = RMSNorm(width)
-        self.fused = None  # set by nerf_kernel.enable(): same function as patch_mlp, on chip
 
     def forward(self, h, s):
-        # h: (N, pixels, width) per-pixel features; s: (N, cond_dim) one vector per patch
-        return (self.fused or patch_mlp)(h, self.generator(s), self.norm, self.norm_w2)
+        """h: (N, pixels, width) per-pixel features of N patches; s: (N, cond_dim), one per patch."""
+        N = h.shape[0]
+        w1, w2 = self.generator(s).chunk(2, dim=-1)                        # Eq. 9: theta = W_g s + b_g
+        w1 = w1.view(N, self.width, self.hidden)                           # (N, in, out)
+        w2 = w2.view(N, self.hidden, self.width)
+        # Eq. 10: W / ||W||, each output unit's weights over its inputs to unit L2 norm, in fp32 as
+        # the official F.normalize(dim=-2); the official text-to-image head normalises W1 only.
+        w1 = F.normalize(w1.float(), dim=1)
+        if self.norm_w2:
+            w2 = F.normalize(w2.float(), dim=1)
+        return h + torch.bmm(F.silu(torch.bmm(self.norm(h), w1)), w2)     # Eq. 10
 
 
 class NerfHead(nn.Module):
@@ -163,26 +149,15 @@ class NerfHead(nn.Module):
         self.out = nn.Linear(width, channels)  # Eq. 11, zero-initialised as the official code
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.fused = None  # set by nerf_kernel.enable(): this forward through fused kernels
 
     def forward(self, s, pixels, ph, pw):
         """s: (N, cond_dim); pixels: (N, ph*pw, C) noisy pixel values -> (N, ph*pw, C) velocity."""
-        if self.fused is not None:
-            v = self.fused(self, s, pixels, ph, pw)
-            if v is not None:
-                return v
-        phi = coordinate_encoding(self.encoding, ph, pw, pixels.device)     # Eq. 12: (ph*pw, 64)
-        # The pixel-level Linears (C + 64 -> width, width -> C) run in the pixels' precision (fp32
-        # under autocast): they are few FLOPs, and noisy pixels rounded to bf16 would cost accuracy
-        # in the velocity. (Their fp32 tensors do cost memory traffic: nerf_kernel's kernels keep
-        # them on chip.) h: (N, ph*pw, width) is a residual stream like the transformer's.
-        # Linear([x, phi]) = x Wx^T + (phi Wphi^T + b): the coordinate half is the same for every
-        # patch, so it is computed once per pixel position instead of once per patch and pixel.
-        dt, C = pixels.dtype, self.channels
+        phi = coordinate_encoding(self.encoding, ph, pw, pixels.device, pixels.dtype)  # Eq. 12: (ph*pw, 64)
+        # The pixel-level Linears run in the pixels' precision (fp32 under autocast): they are few
+        # FLOPs, and noisy pixels rounded to bf16 would cost accuracy in the velocity.
         with no_autocast(pixels):
-            w, b = self.embed.weight.to(dt), self.embed.bias.to(dt)
-            h = F.linear(pixels, w[:, :C]) + F.linear(phi.to(dt), w[:, C:], b)
+            h = self.embed(torch.cat([pixels, phi.expand(len(pixels), -1, -1)], dim=-1))  # (N, ph*pw, width)
         for block in self.blocks:
             h = block(h, s)
         with no_autocast(pixels):
-            return F.linear(self.norm_out(h), self.out.weight.to(dt), self.out.bias.to(dt))  # Eq. 11
+            return self.out(self.norm_out(h))                                       # Eq. 11

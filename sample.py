@@ -11,7 +11,6 @@ The settings that made them are kept beside the folder (<folder>.json); a rerun 
 """
 import argparse
 import glob
-import hashlib
 import json
 import os
 
@@ -21,150 +20,12 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-import block_kernel
-import nerf_kernel
-from model import MODELS, convert_official, load_weights
+import fast
+from checkpoints import (load_model, newest_checkpoint, save_grid, setup_distributed, to_uint8, weights_hash,
+                         write_atomic)
+from model import MODELS
 from samplers import SOLVERS, guided, sample
 from text_encoder import caption_features
-
-
-def to_uint8(x):
-    """[-1, 1] float (B, C, H, W) -> uint8 (B, H, W, C), rounding as the official fp2uint8."""
-    return ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def write_atomic(path, write):
-    """write(temporary path), then rename it to path: a killed run leaves the old file or the new
-    one, never half of one. The temporary name keeps the extension, which PIL and numpy go by."""
-    root, ext = os.path.splitext(path)
-    write(f"{root}.tmp{ext}")
-    os.replace(f"{root}.tmp{ext}", path)
-
-
-def save_grid(x, path, nrow=8):
-    """Save images in [-1, 1] as one PNG grid with nrow images per row."""
-    imgs = to_uint8(x).numpy()
-    n, h, w, c = imgs.shape
-    rows = -(-n // nrow)
-    grid = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2, c), 255, np.uint8)
-    for i, img in enumerate(imgs):
-        r, col = divmod(i, nrow)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = img
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomic(path, Image.fromarray(grid).save)
-
-
-def bf16_linears(model):
-    """Store the Linear weights that autocast casts in bf16: the same numbers, cast once instead of
-    on every call (at batch 1 the casts move more bytes than the matmuls read). Norm gains,
-    embeddings, the residual stream and the neural field's pixel-level Linears (which run outside
-    autocast, nerf_head.py) stay fp32."""
-    head = getattr(model, "head", None)
-    fp32 = {id(getattr(head, "embed", None)), id(getattr(head, "out", None))}
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and id(m) not in fp32:
-            m.to(torch.bfloat16)
-    return model
-
-
-class CUDAGraphs:
-    """model(*args, **kwargs), replayed from one CUDA graph per input signature.
-
-    Sampling at a small batch is launch-bound: an L/16 forward is hundreds of small kernels, which
-    the CPU issues more slowly than the GPU runs them; a graph issues them all at once.
-    Inputs are copied into the graph's static buffers and the output is cloned, since the next
-    replay overwrites it (the Adams solvers keep earlier velocities). On the CPU it calls the model.
-    """
-
-    def __init__(self, model):
-        self.model, self.graphs = model, {}
-        self.pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
-
-    @torch.no_grad()
-    def __call__(self, *args, **kwargs):
-        tensors = [a for a in args if torch.is_tensor(a)]
-        if not tensors or not tensors[0].is_cuda:
-            return self.model(*args, **kwargs)
-        key = (tuple((a.shape, a.dtype) if torch.is_tensor(a) else a for a in args),
-               tuple(sorted(kwargs.items())), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        if key not in self.graphs:
-            static = [a.clone() if torch.is_tensor(a) else a for a in args]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside the graph: compilation, cuBLAS handles
-                for _ in range(2):
-                    self.model(*static, **kwargs)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.model(*static, **kwargs)
-            self.graphs[key] = graph, static, out
-        graph, static, out = self.graphs[key]
-        for buf, a in zip(static, args):
-            if torch.is_tensor(a):
-                buf.copy_(a)
-        graph.replay()
-        return out.clone()
-
-
-def newest_checkpoint(results_dir):
-    """The newest checkpoint of the newest run folder, or None."""
-    runs = sorted(glob.glob(os.path.join(results_dir, "[0-9][0-9][0-9]-*")))
-    for run in reversed(runs):
-        ckpts = sorted(glob.glob(os.path.join(run, "ckpt-*.pt")), key=os.path.getmtime)
-        if ckpts:
-            return ckpts[-1]
-    return None
-
-
-def load_model(path, model_name=None, use_ema=True, trained_at=None):
-    """(model, its training args) from our checkpoint or an official .ckpt; any other file is one
-    clear error, not a traceback. An official checkpoint records neither its model size nor the
-    image size it was trained at: model_name and trained_at (default 256 for class-to-image, 512
-    for text-to-image) say them."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"--ckpt {path}: no such file")
-    except Exception as e:  # torch's own message may suggest weights_only=False: not repeated here
-        raise SystemExit(f"--ckpt {path}: not a readable PyTorch checkpoint: cut short, or another kind of file "
-                         f"({type(e).__name__})")
-    if not isinstance(ckpt, dict):
-        raise SystemExit(f"--ckpt {path}: not a PixNerd checkpoint (it holds a {type(ckpt).__name__})")
-    try:
-        if "model_config" in ckpt:  # ours
-            config = ckpt["model_config"]
-            if model_name and model_name != config["name"]:
-                raise SystemExit(f"--ckpt {path} is a {config['name']} model, not --model {model_name}")
-            model = MODELS[config["name"]](**config["kwargs"])
-            weights, train_args = ckpt["ema" if use_ema else "model"], ckpt["args"]
-            if trained_at and trained_at != train_args["image_size"]:
-                raise SystemExit(f"--trained-at {trained_at}: --ckpt {path} was trained at {train_args['image_size']}")
-        else:  # official: EMA weights are taken by convert_official when present
-            weights = convert_official(ckpt if use_ema else {k: v for k, v in ckpt.get("state_dict", ckpt).items()
-                                                             if not k.startswith("ema_denoiser.")})
-            if "text_embed.weight" in weights:  # the t2i model, trained last at 512 px, no text mask
-                model, train_args = MODELS[model_name or "XXL/16"](), {"image_size": trained_at or 512, "text_mask": False}
-            else:  # 256, or 512 for the res512 fine-tune (its 32x32 token grid: spec Sec. 2.2)
-                model = MODELS[model_name or "XL/16"](num_classes=weights["y_embedder.weight"].shape[0] - 1)
-                train_args = {"image_size": trained_at or 256}
-        load_weights(model, weights)
-    except ValueError as e:  # convert_official and load_weights say what does not fit
-        hint = "" if "model_config" in ckpt else " (official checkpoints do not record their size: --model picks it)"
-        raise SystemExit(f"--ckpt {path}: {e}{hint}")
-    except (AttributeError, KeyError, TypeError) as e:  # a dict of something else
-        raise SystemExit(f"--ckpt {path}: not a PixNerd checkpoint ({type(e).__name__}: {e})")
-    return model.eval().requires_grad_(False), train_args
-
-
-def weights_hash(model):
-    """A short sha256 of the weights: tells a retrained, overwritten or other checkpoint from the
-    one whose images a sample folder holds, whatever its path or mtime."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
 
 
 def check_sample_dir(out_dir, settings, write):
@@ -205,21 +66,6 @@ def read_prompts(args):
     return prompts
 
 
-def setup_distributed():
-    """(ddp, rank, world, device): torchrun's processes when launched by it (NCCL on CUDA, gloo
-    on the CPU), else one process; TF32 matmuls on CUDA."""
-    ddp = "RANK" in os.environ
-    cuda = torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return ddp, rank, world, device
-
-
 def check_args(args):
     """Flags that would fail only after the model is loaded, with a traceback, or not at all."""
     for flag, v in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--num-samples", args.num_samples),
@@ -255,16 +101,8 @@ def main(args):
                                         ("cfg_interval", [0.1, 1.0], [0.0, 1.0]), ("shift", 1.0, 3.0)):
         if getattr(args, k) is None:
             setattr(args, k, t2i_default if t2i else c2i_default)
-    if cuda:
-        bf16_linears(model)
-    if args.kernel and cuda:
-        nerf_kernel.enable(model)
-        block_kernel.enable(model)
-    if args.compile == "regions" and cuda:
-        model.compile_regions()
-    elif args.compile == "full" and cuda:
-        model.compile(dynamic=False)
-    net = CUDAGraphs(model) if args.cuda_graphs and cuda else model
+    # the fast layer: bf16 weights, fused kernels, torch.compile, CUDA graphs; the plain model otherwise
+    net = fast.for_sampling(model, compile=args.compile, cuda_graphs=args.cuda_graphs) if args.fast and cuda else model
     H, W = args.resolution or (train_size, train_size)
     tokens = train_size // model.patch_size  # per side; the neural field decodes H / tokens pixels per token
     if (H, W) != (train_size, train_size) and (H % tokens or W % tokens or model.head_type == "linear"):
@@ -331,6 +169,8 @@ def main(args):
                                "--num-samples": n, "--seed": args.seed, "--solver": args.solver, "--steps": args.steps,
                                "--cfg-scale": args.cfg_scale, "--cfg-interval": args.cfg_interval,
                                "--shift": args.shift, "--resolution": [H, W], "trained at": train_size}, write=rank == 0)
+    if ddp:  # every rank looks at the folder before any writes to it
+        dist.barrier()
     os.makedirs(out_dir, exist_ok=True)
     todo = [b for b in range(rank, -(-n // bs), world)  # whole batches dealt round-robin to ranks
             if not all(os.path.exists(f"{out_dir}/{i:06d}.png") for i in range(b * bs, min(n, (b + 1) * bs)))]
@@ -380,13 +220,14 @@ def get_parser():
     p.add_argument("--num-samples", type=int, default=None, help="write this many PNGs and an .npz")
     p.add_argument("--sample-dir", default=None)
     p.add_argument("--out", default="sample.png", help="the grid's path")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA only: the fast layer (fast/): bf16 weights, the fused Triton kernels of the neural "
+                        "field and the blocks, and the two options below; --no-fast runs the plain model")
     p.add_argument("--compile", nargs="?", const="regions", choices=["regions", "full"], default=None,
-                   help="CUDA only: torch.compile each block (--compile) or the whole model (--compile full: "
+                   help="with --fast: torch.compile each block (--compile) or the whole model (--compile full: "
                         "a few percent faster sampling, about a minute more to compile)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="replay each model call from a CUDA graph (CUDA only; the most gain at small batches)")
-    p.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=True,
-                   help="the fused Triton kernels of the neural field and the blocks (CUDA and Triton only)")
+                   help="with --fast: replay each model call from a CUDA graph (the most gain at small batches)")
     return p
 
 

@@ -1,5 +1,6 @@
 """ODE samplers for rectified flow: Euler, Heun and Adams-Bashforth-style linear multistep
-(paper Sec. 4.3, Fig. 6f; official spec Sec. 5), plus classifier-free guidance in an interval.
+(paper Fig. 6f; official src/diffusion/flow_matching/sampling.py and adam_sampling.py:
+AdamLMSampler), plus classifier-free guidance in an interval.
 
 Convention (the official code's): t = 0 is noise, t = 1 is data, dx/dt = v(x, t).
 `fn(x, t)` is any velocity function, t a tensor of shape (B,). Imports only torch.
@@ -23,7 +24,8 @@ def time_grid(num_steps, shift=1.0, last_step=None):
 def adams_coefficients(ts, i, order):
     """Weights (oldest first, summing to 1) of the last k = min(order, i+1) velocities for the
     step t_i -> t_{i+1}: the integrals of the Lagrange basis polynomials on the nodes
-    t_{i-k+1..i} over the step, divided by the step length (spec Sec. 5.3)."""
+    t_{i-k+1..i} over the step, divided by the step length (official adam_sampling.py:
+    _reparameterize_coeffs with pre_integral.py: lagrange_preint)."""
     k = min(order, i + 1)
     nodes = [float(x) for x in ts[i - k + 1: i + 1]]
     a, b = float(ts[i]), float(ts[i + 1])
@@ -51,7 +53,7 @@ def sample(fn, noise, num_steps, solver="euler", shift=1.0, last_step=None):
     ts = time_grid(num_steps, shift, last_step)
     x, history, t_sum = noise, [], ts[0]
     for i in range(num_steps):
-        # The official Adams sampler's t is the float32 sum of the steps so far (spec Sec. 5.3),
+        # The official AdamLMSampler's t is the float32 sum of the steps so far,
         # which is the grid time but for a last bit at 3 of the 270,900 times of N <= 300 steps.
         t = t_sum if solver.startswith("adams") else ts[i]
         h = float(ts[i + 1] - ts[i])

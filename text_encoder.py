@@ -1,4 +1,5 @@
-"""The frozen text encoder of text-to-image PixNerd (official spec Sec. 7.2).
+"""The frozen text encoder of text-to-image PixNerd (official src/models/conditioner/qwen3_text_encoder.py:
+Qwen3TextEncoder).
 
 Officially Qwen3-1.7B: right padding to max_length 128 with truncation, and the base model's
 last_hidden_state (B, 128, 2048), taken as is (padded positions included), is the text feature.
@@ -14,6 +15,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from checkpoints import save_checkpoint
 
 
 class TextEncoder:
@@ -144,9 +147,8 @@ def caption_features(captions, encoder=None, max_length=128, cache=None, device=
                                  "(the empty prompt's features differ): pass another --text-cache")
             feats, masks = torch.cat([saved["features"], feats]), torch.cat([saved["mask"], masks])
         saved = {**saved, "captions": saved["captions"] + new, "features": feats, "mask": masks}
-        if cache:  # a temporary name of this process's own: all ranks of a run may write at once
-            torch.save(saved, f"{cache}.tmp{os.getpid()}")
-            os.replace(f"{cache}.tmp{os.getpid()}", cache)
+        if cache:  # write_atomic's temporary name is this process's own: all ranks of a run may write at once
+            save_checkpoint(saved, cache)
     index = {s: i for i, s in enumerate(saved["captions"])}
     rows = torch.tensor([index[s] for s in want])
     return saved["features"][rows], saved["mask"][rows]

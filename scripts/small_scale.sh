@@ -14,7 +14,7 @@ FONT=${FONT:-/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf}
 EMOJI_TEST=${EMOJI_TEST:-/usr/share/unicode/emoji/emoji-test.txt}
 mkdir -p "$R"
 [ -d "$D" ] || python data/emoji.py --size 64 --skip-skin-tones --out "$D" --font "$FONT" --emoji-test "$EMOJI_TEST"
-python -c "import train as t, numpy as np; t.cache_dataset(t.ImageFolder('$D', 64), '$R/emoji.npy', 4); \
+python -c "import datasets as t, numpy as np; t.cache_dataset(t.ImageFolder('$D', 64), '$R/emoji.npy', 4); \
 t.cache_dataset(t.ImageFolder('$D', 64, captions=True), '$R/emoji_captions.npy', 4); \
 np.savez('$R/emoji_ref.npz', arr_0=np.load('$R/emoji.npy'))"   # the FID reference: the training set
 
@@ -42,9 +42,9 @@ for step in $(printf "%07d %07d" $((STEPS / 3)) $((2 * STEPS / 3))); do
 done
 # grids: the first 5 training images of each class, 5 samples per class with the default CFG 3.5,
 # and 4 per prompt (seen and unseen in training) with the official t2i sampler (Adams-2, 25 steps)
-python -c "import numpy as np, torch, sample; a, l = np.load('$R/emoji.npy'), np.load('$R/emoji.labels.npy'); \
+python -c "import numpy as np, torch, checkpoints; a, l = np.load('$R/emoji.npy'), np.load('$R/emoji.labels.npy'); \
 x = torch.from_numpy(a[[i for c in range(9) for i in np.flatnonzero(l == c)[:5]]]).permute(0, 3, 1, 2); \
-sample.save_grid(x.float() / 127.5 - 1, '$R/grid_real.png', nrow=5)"
+checkpoints.save_grid(x.float() / 127.5 - 1, '$R/grid_real.png', nrow=5)"
 for name in pixnerd baseline; do
   python sample.py --ckpt "$(ckpt $name ckpt-last.pt)" --class-labels 0 1 2 3 4 5 6 7 8 \
     --images-per-condition 5 --steps "$SAMPLE_STEPS" --out "$R/grid_$name.png"

@@ -1,40 +1,33 @@
-"""The transformer block's elementwise work as fused Triton kernels, mostly for eager mode (CUDA; optional).
+"""The transformer block's elementwise work as fused Triton kernels (CUDA; optional).
 
 Without torch.compile every RMSNorm, adaLN modulation, RoPE rotation, SiLU gate and gated residual
-of model.py is a chain of small PyTorch kernels, each reading and writing a full activation tensor
-(an fp32 one for the residual stream): in an eager L/16 training step they took 170 of 240 ms on an
-H100. Here each of the four functions is one kernel forward and one backward, so debugging runs
-(`--no-compile`, `--compile none`) are close to the compiled program. Under torch.compile the
-torch functions of model.py run, fused by Inductor with their neighbours, except for the q/k
-norm + RoPE kernel, which beat Inductor's version. (Each kernel was timed inside the compiled blocks:
-modulate and the SiLU gate made the step slower, the gated residual 1% faster for 1.4 GiB more
-memory.) For sampling (no gradients), compiled or not, SwiGLU's fc1 and its SiLU gate are one GEMM
-on GPUs with TMA (Hopper and newer), which writes only the gated half. Off the GPU the torch
-functions run.
+of model.py is a chain of small PyTorch kernels, each reading and writing a full activation tensor.
+Here each is one kernel forward and one backward, so eager runs are close to compiled ones. Under
+torch.compile, Inductor fuses model.py's own functions with their neighbours, except for the q/k
+norm + RoPE kernel, which beats Inductor's fusion: its backward writes dL/dq, dL/dk and dL/dv into
+one gradient in the qkv Linear's layout. For sampling (no gradients), compiled or not, SwiGLU's fc1
+and its SiLU gate are one GEMM on GPUs with TMA (Hopper and newer), which writes only the gated half.
 
 Each kernel rounds where the torch function rounds (its tensors' dtypes, bf16 under autocast), so
-the forward matches it to the last bit up to the order of the fp32 sums; the backward computes in
-fp32 and rounds its results once. The tests run both in Triton's interpreter against model.py.
-
-A file of its own so that model.py stays torch-only: the scripts call enable(model) on a GPU.
+the forward matches it up to the order of the fp32 sums; the backward computes in fp32 and rounds
+its results once. The fast modules fall back to model.py's forwards off the GPU.
 """
 import torch
 import torch.nn.functional as F
 
-from model import Attention, Block, SwiGLU, gated_residual, modulate, qk_norm_rope, silu_gate
+from model import Attention, Block, SwiGLU, modulate
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU installs: the torch functions serve
+except ImportError:  # CPU installs: model.py's forwards serve
     triton = None
 try:  # TMA descriptors (newer Triton): the SwiGLU GEMM below; without them cuBLAS runs fc1
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     TensorDescriptor = None
 _TMA = False  # set by enable()
-# Fewer tokens than this (8 images of 256 px) and cuBLAS's fc1 plus the gate kernel are as fast or
-# faster (H100, CUDA graphs, L/16: 1024 rows 23.0 against 28.6 us, 2048 rows 44.9 against 43.5 us).
+# Below this many tokens cuBLAS's fc1 plus the gate kernel are as fast as the fused GEMM.
 _SWIGLU_MIN_ROWS = 2048
 
 
@@ -42,26 +35,8 @@ def available():
     return triton is not None and torch.cuda.is_available()
 
 
-def enable(model, on=True):
-    """Route every block of `model` through the fused kernels (or, on=False, back to model.py's torch
-    functions). Returns the number of blocks routed (0 without Triton or CUDA)."""
-    global _TMA
-    on = on and available()
-    if on:  # the SwiGLU GEMM needs TMA descriptors and a Hopper (or newer) GPU
-        _TMA = TensorDescriptor is not None and torch.cuda.get_device_capability()[0] >= 9
-    hooks = {Block: dict(modulate=fused_modulate, gated_residual=fused_gated_residual),
-             Attention: dict(qk_norm_rope=fused_qk_norm_rope), SwiGLU: dict(hidden=fused_swiglu_hidden)}
-    for m in model.modules():
-        for name, fn in hooks.get(type(m), {}).items():
-            if on:
-                setattr(m, name, fn)  # an instance attribute over the class's torch function
-            else:
-                m.__dict__.pop(name, None)
-    return sum(on and isinstance(m, Block) for m in model.modules())
-
-
 def _eager(*tensors):
-    """Eager CUDA calls: under torch.compile, Inductor's fusion of the torch function was faster."""
+    """Eager CUDA calls: under torch.compile, Inductor's fusion of the torch function is faster."""
     return all(t.is_cuda for t in tensors) and not torch.compiler.is_compiling()
 
 
@@ -69,42 +44,36 @@ def _autocast_dtype(x):
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
 
 
+def silu_gate(h):
+    """SiLU(gate) * value for h = [gate, value] (..., 2F), the fc1 output of SwiGLU."""
+    gate, value = h.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
 def fused_modulate(x, norm, shift, scale):
-    """model.modulate: RMSNorm(x) * (1 + scale) + shift, x (B, N, D), shift and scale (B, 1, D).
-    Under autocast the result is written in the autocast dtype: its only readers are the qkv and fc1
-    Linears, which would cast it so (the same rounding, one fp32 tensor fewer)."""
+    """modulate(norm(x), shift, scale), x (B, N, D), shift and scale (B, 1, D). Under autocast the
+    result is written in the autocast dtype: its only readers are the qkv and fc1 Linears, which
+    would cast it so (the same rounding, one fp32 tensor fewer)."""
     B, N, D = x.shape
     if not (_eager(x, shift, scale) and shift.shape == scale.shape == (B, 1, D)
             and shift.stride(-1) == scale.stride(-1) == 1):
-        return modulate(x, norm, shift, scale)
+        return modulate(norm(x), shift, scale)
     return _Modulate.apply(x, norm.weight, shift, scale, norm.eps, _autocast_dtype(x))
 
 
 def fused_gated_residual(x, gate, y):
-    """model.gated_residual: x + gate * y, x and y (B, N, D), gate (B, 1, D)."""
+    """x + gate * y, x and y (B, N, D), gate (B, 1, D)."""
     B, N, D = x.shape
     if not (_eager(x, gate, y) and y.shape == x.shape and gate.shape == (B, 1, D) and gate.stride(-1) == 1):
-        return gated_residual(x, gate, y)
+        return x + gate * y
     return _GatedResidual.apply(x, gate, y)
 
 
-def fused_qk_norm_rope(qkv, q_norm, k_norm, rope):
-    """model.qk_norm_rope: RMSNorm then 2-D RoPE of q and of k, v as it is, qkv (B, N, 3, heads, hd).
-    One kernel for q and k; its backward writes dL/dq, dL/dk and dL/dv into one gradient in qkv's
-    layout, which the qkv Linear's backward reads as it is: with a kernel per tensor, Inductor
-    stacked the three gradients into it, a copy of 0.2 GB per block at L/16 batch 64. Compiled too:
-    an L/16 batch-64 training step took 0.1051 s with the (then per-tensor) kernel inside the
-    compiled blocks against 0.1083 s with Inductor's own fusion (H100, bench.py, 2026-11-26)."""
-    if rope is None or not qkv.is_cuda or not qkv.is_contiguous() or q_norm.eps != k_norm.eps:
-        return qk_norm_rope(qkv, q_norm, k_norm, rope)
-    return _QKNormRope.apply(qkv, q_norm.weight, k_norm.weight, *rope, q_norm.eps)
-
-
 def fused_swiglu_hidden(x, w1):
-    """model.swiglu_hidden: SiLU(x W1) * x W3, x (..., D), w1 = [W1; W3] (2F, D). Without gradients
-    (sampling) on a GPU with TMA, fc1 and the gate are one GEMM that keeps an output tile's gate and
-    value halves in two accumulators, so fc1's (..., 2F) output never goes to memory (compiled or
-    not). Otherwise cuBLAS's fc1, then the gate kernel (eager) or Inductor's fusion (compiled)."""
+    """SiLU(x W1) * x W3, x (..., D), w1 = [W1; W3] (2F, D). Without gradients (sampling) on a GPU
+    with TMA, fc1 and the gate are one GEMM that keeps an output tile's gate and value halves in two
+    accumulators, so fc1's (..., 2F) output never goes to memory (compiled or not). Otherwise
+    cuBLAS's fc1, then the gate kernel (eager) or Inductor's fusion (compiled)."""
     dt = _autocast_dtype(x)
     if (_TMA and x.is_cuda and not torch.is_grad_enabled() and w1.dtype == dt and x.shape[-1] % 8 == 0
             and w1.shape[0] % 16 == 0 and dt in (torch.bfloat16, torch.float16)  # TMA: 16-byte rows
@@ -112,6 +81,59 @@ def fused_swiglu_hidden(x, w1):
         return _swiglu_op(x.reshape(-1, x.shape[-1]).to(dt), w1).unflatten(0, x.shape[:-1])
     h = F.linear(x, w1)
     return _SiluGate.apply(h.contiguous()) if _eager(h) else silu_gate(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast modules: model.py's, with forwards that run the kernels where they apply
+# ---------------------------------------------------------------------------------------------
+
+class FastBlock(Block):
+    """Block with the adaLN modulation and the gated residuals as kernels (eager CUDA)."""
+
+    def forward(self, x, c, rope=None, text=None, mask=None):
+        if not _eager(x):
+            return super().forward(x, c, rope, text, mask)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
+        x = fused_gated_residual(x, gate1, self.attn(fused_modulate(x, self.norm1, shift1, scale1), rope, text, mask))
+        return fused_gated_residual(x, gate2, self.mlp(fused_modulate(x, self.norm2, shift2, scale2)))
+
+
+class FastAttention(Attention):
+    """Attention with q/k RMSNorm + RoPE as one kernel on CUDA (compiled too)."""
+
+    def forward(self, x, rope=None, text=None, mask=None):
+        if rope is None or not x.is_cuda or self.q_norm.eps != self.k_norm.eps:
+            return super().forward(x, rope, text, mask)
+        B, N, _ = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = _QKNormRope.apply(qkv, self.q_norm.weight, self.k_norm.weight, *rope, self.q_norm.eps)
+        return self.attend(q, k, v, text, mask)
+
+
+class FastSwiGLU(SwiGLU):
+    """SwiGLU with fc1 and the gate as one GEMM (sampling) or the gate as a kernel (eager training)."""
+
+    def forward(self, x):
+        if not x.is_cuda:
+            return super().forward(x)
+        w1, w2 = self.weights()
+        return F.linear(fused_swiglu_hidden(x, w1), w2)
+
+
+def enable(model):
+    """Swap the blocks, attentions and SwiGLUs of a built model for the fast ones (in place, same
+    parameters and state-dict keys). Returns the number of blocks swapped (0 without Triton or CUDA)."""
+    global _TMA
+    if not available():
+        return 0
+    _TMA = TensorDescriptor is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    swap = {Block: FastBlock, Attention: FastAttention, SwiGLU: FastSwiGLU}
+    n = 0
+    for m in model.modules():
+        if type(m) in swap:
+            n += type(m) is Block
+            m.__class__ = swap[type(m)]
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,9 +145,8 @@ def _cdiv(a, b):
 
 
 def _pow2(n):
-    """The smallest power of 2 >= n. (triton.next_power_of_2 and triton.cdiv are Triton constexpr
-    functions now: 2.7 us a call on the host against 0.16 for these, timed with Triton 3.5 on this
-    project's CPU, and an eager L/16 step made 0.9K such calls.)"""
+    """The smallest power of 2 >= n (triton.next_power_of_2 is a constexpr function now, slow to call
+    from the host, and an eager step makes about a thousand such calls)."""
     return 1 << (n - 1).bit_length()
 
 
@@ -209,11 +230,9 @@ class _QKNormRope(torch.autograd.Function):
         qkv, gain_q, gain_k, cos, sin = ctx.saved_tensors
         B, N, _, H, hd = qkv.shape
         rows = B * N * H
-        # R rows summed per program into the gains' gradients. Timed in profiled H100 training steps at
-        # batch 64 (all 22 / 26 calls, 2026-11-26): heads that fill their tiles (L/16's 64 channels) run
-        # fastest as one 32-row tile per program at 4 warps, 2.49 against 2.72 ms a step; XL/16's 72
-        # channels in 128-column tiles want 1024 rows at 8 warps, 5.50 against 6.48 at 4 warps and 8.37
-        # as L/16's. 256 or 512 rows per program and twice the rows per tile were no faster.
+        # R rows summed per program into the gains' gradients: heads that fill their tiles (64
+        # channels) are fastest as one 32-row tile per program at 4 warps, 72-channel heads in
+        # 128-column tiles with 1024 rows at 8 warps (timed in training steps).
         BH = _pow2(hd) // 2
         R, warps = (32, 4) if hd == 2 * BH else (1024, 8)
         nb = _cdiv(rows, R)
@@ -362,14 +381,13 @@ if triton is not None:
 
     @triton.jit
     def _norm_rope(x, G, c, s, eps, HD: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, XDT: tl.constexpr):
-        """model.norm_rope of the rows x (BR, 2 BH) fp32, with the RoPE cos and sin (BR, BH)."""
+        """RMSNorm (rounded to XDT as nerf_head.RMSNorm rounds) then model.apply_rope (in fp32) of the
+        rows x (BR, 2 BH) fp32, with the RoPE cos and sin (BR, BH) in fp32."""
         k = tl.arange(0, 2 * BH)
         r = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
         gain = tl.load(G + k, mask=k < HD, other=0.0)
         ye, yo = _pair_split(_round(_round(x * r, XDT) * _round(gain, XDT)[None, :], XDT), BR, BH)  # RMSNorm
-        oe = _round(ye * c, XDT) - _round(yo * s, XDT)                                       # apply_rope
-        oo = _round(yo * c, XDT) + _round(ye * s, XDT)
-        return tl.reshape(tl.join(oe, oo), (BR, 2 * BH))
+        return tl.reshape(tl.join(ye * c - yo * s, ye * s + yo * c), (BR, 2 * BH))              # apply_rope
 
     @triton.jit
     def _norm_rope_bwd(dout, x, gain, c, s, eps, HD: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr,
@@ -388,8 +406,8 @@ if triton is not None:
         rows = tl.program_id(0) * BR + tl.arange(0, BR)
         src, dst, tab, kmask, jmask = _head_rows(rows, N, H, BH, HD)
         rmask = (rows < rows_total)[:, None]
-        c = _round(tl.load(COS + tab, mask=rmask & jmask, other=0.0), XDT)
-        s = _round(tl.load(SIN + tab, mask=rmask & jmask, other=0.0), XDT)
+        c = tl.load(COS + tab, mask=rmask & jmask, other=0.0)
+        s = tl.load(SIN + tab, mask=rmask & jmask, other=0.0)
         q = tl.load(QKV + src, mask=rmask & kmask, other=0.0).to(tl.float32)                # (BR, 2 BH)
         tl.store(Q + dst, _norm_rope(q, GQ, c, s, eps, HD, BR, BH, XDT).to(XDT), mask=rmask & kmask)
         k = tl.load(QKV + H * HD + src, mask=rmask & kmask, other=0.0).to(tl.float32)
@@ -404,8 +422,8 @@ if triton is not None:
         k = tl.arange(0, 2 * BH)
         gq = _round(tl.load(GQ + k, mask=k < HD, other=0.0), XDT)[None, :]
         gk = _round(tl.load(GK + k, mask=k < HD, other=0.0), XDT)[None, :]
-        # the gains' gradients, summed over the tile's rows after the loop: a sum across warps on
-        # every tile made the backward 12% (L/16) to 17% (XL/16) slower inside a training step
+        # the gains' gradients, summed over the tile's rows after the loop (a sum across warps on
+        # every tile is slower)
         dgq = tl.zeros((BR, 2 * BH), tl.float32)
         dgk = tl.zeros((BR, 2 * BH), tl.float32)
         for r0 in tl.range(0, R, BR):
@@ -413,8 +431,8 @@ if triton is not None:
             src, dst, tab, kmask, jmask = _head_rows(rows, N, H, BH, HD)
             rmask = (rows < rows_total)[:, None]
             mask = rmask & kmask
-            c = _round(tl.load(COS + tab, mask=rmask & jmask, other=0.0), XDT)
-            s = _round(tl.load(SIN + tab, mask=rmask & jmask, other=0.0), XDT)
+            c = tl.load(COS + tab, mask=rmask & jmask, other=0.0)
+            s = tl.load(SIN + tab, mask=rmask & jmask, other=0.0)
             x = tl.load(QKV + src, mask=mask, other=0.0).to(tl.float32)                     # q
             dx, p = _norm_rope_bwd(tl.load(DQ + dst, mask=mask, other=0.0).to(tl.float32), x, gq, c, s, eps, HD,
                                    BR, BH, XDT)
@@ -476,11 +494,9 @@ if triton is not None:
                 gate = _round(gate, DT)  # fc1's output in the activation dtype, as F.linear rounds it
                 OD.store([m, n], (_round(gate * tl.sigmoid(gate), DT) * _round(value, DT)).to(DT))
 
-    # The SwiGLU GEMM's tiles: the fastest of the settings timed (7-9 tile/warp/stage settings each for
-    # pointer loads, TMA with one tile per program, persistent, persistent with the loop flattened) for
-    # L/16 and XL/16 fc1 at 16384 and 32768 tokens (H200, 2026-11-26): persistent, 128 x 128 tiles of
-    # each half, 64-deep k steps, 8 warps, 3 stages. K and TILES are compile-time constants: Triton
-    # 3.5's interpreter (the tests) failed on a loop from program_id(0) to a run-time bound.
+    # The SwiGLU GEMM's tiles: the fastest of the settings timed for L/16 and XL/16 fc1 (docs/speed.md).
+    # K and TILES are compile-time constants: Triton 3.5's interpreter failed on a loop from
+    # program_id(0) to a run-time bound.
     _SWIGLU = dict(BM=128, BN=128, BK=64, GROUP=8, num_warps=8, num_stages=3)
 
     @torch.library.custom_op("pixnerd::swiglu_hidden", mutates_args=())

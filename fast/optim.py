@@ -1,24 +1,21 @@
 """The end of a training step, AdamW + gradient clipping + the EMA update, in one pass (CUDA; optional).
 
 torch's fused AdamW reads each parameter, its gradient and both moments and writes three of them
-back; the EMA's `_foreach_lerp_` then reads the parameter again beside the EMA copy; and
-clip_grad_norm_ (for the logged gradient norm, or to clip) reads every gradient and rewrites it. At
-L/16 that is 452M fp32 parameters and about 24 GB of memory traffic a step. Here one kernel reads
-p, g, m, v and the EMA copy once and writes p, m, v and the EMA copy (36 bytes a parameter),
-applying the clipping factor as it reads g and summing g^2 for the norm on the way.
+back; the EMA's lerp then reads the parameter again beside the EMA copy; and clip_grad_norm_ reads
+every gradient and rewrites it. Here one kernel reads p, g, m, v and the EMA copy once and writes
+p, m, v and the EMA copy (36 bytes a parameter), applying the clipping factor as it reads g and
+summing g^2 for the norm on the way.
 
 The arithmetic is torch's fused AdamW's, in fp32 (the same fused multiply-adds, IEEE sqrt and
 division; the bias corrections from the per-parameter step count, in fp64 here where torch rounds
 beta^step to fp32 first), then ema += w (p - ema) as `torch.lerp` computes it for w < 0.5.
 The state lives in the torch.optim.AdamW object as its fused version keeps it, so checkpoints do
 not depend on which path ran, and `opt.step()` could take over at any step.
-With bf16 compute copies (train.bf16_compute_copy: the copy runs forward and backward, the fp32
+With bf16 compute copies (fast.precision.compute_copy: the copy runs forward and backward, the fp32
 weights stay with the optimizer) the kernel reads the copy's bf16 gradient in place of g and
-writes the updated weight, rounded, into the copy: 36 bytes a parameter still, and no casts elsewhere.
+writes the updated weight, rounded, into the copy.
 Off the GPU, without Triton, for options this kernel does not have (amsgrad, maximize, non-fp32
 parameters) or a tensor that is not 16-byte aligned, step() runs the same update through torch.
-
-A file of its own so that train.py stays free of Triton: train.py and bench.py call step().
 """
 import math
 
@@ -30,7 +27,7 @@ try:
 except ImportError:  # CPU installs: torch's AdamW serves
     triton = None
 
-_BLOCK = 1024  # elements per program, 4 warps (H100: 1024-8192 within 7%, 16384 6x slower)
+_BLOCK = 1024  # elements per program, 4 warps
 _tables = {}   # (numels, device) -> each program's (tensor, block) pair, built once
 
 
@@ -39,7 +36,7 @@ def step(opt, ema, model, decay, max_norm=None, kernel=None, copies=()):
     ema's parameters += (1 - decay) (model's - ema's). opt may hold more parameters than model
     (the REPA projector); ema holds a copy of each of model's, in order. ema and model are modules
     or lists of their parameters: a training loop makes the lists once, since walking an L/16's
-    modules for them takes about 1 ms of the host's time. copies: (parameter, 16-bit copy) pairs
+    modules for them costs host time every step. copies: (parameter, 16-bit copy) pairs
     whose copy ran the step: its gradient is the parameter's, and it gets the updated parameter.
     Returns the gradients' total norm before clipping, a 0-d tensor. kernel=None: the fused
     kernel where it applies."""
@@ -93,10 +90,8 @@ def supported(opt, params=None, grads=None, copy_of=None, emas=()):
 
 @torch.no_grad()
 def _torch_step(opt, ema_of, w, max_norm, params):
-    if max_norm:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:  # the norm alone: clip_grad_norm_(inf) would also rewrite every gradient (x 1)
-        norm = _total_norm([p.grad for p in params])
+    """train.py's plain step: clip_grad_norm_ (max_norm None: the norm alone), AdamW, the EMA's lerp."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
     opt.step()
     torch._foreach_lerp_(list(ema_of.values()), list(ema_of), w)
     return norm
@@ -210,7 +205,7 @@ if triton is not None:
         V = BASE + tl.multiple_of(tl.load(row + 3), 4)
         E = BASE + tl.multiple_of(tl.load(row + 4), 4)
         if HALF:  # the 16-bit gradient and compute copy, hinted at 8 bytes: loaded 4 to a thread as
-            # the fp32 tensors are (16-byte hints made a second layout, 7.6 against 5.7 ms at L/16)
+            # the fp32 tensors are (16-byte hints made a second, slower layout)
             G = BASE16 + tl.multiple_of(tl.load(row + 1), 4)
             Q = BASE16 + tl.multiple_of(tl.load(row + 6), 4)
         else:

@@ -1,43 +1,32 @@
-"""The neural field's residual layer, and the whole field for inference, as fused Triton kernels
-(CUDA; optional).
+"""The neural field as fused Triton kernels (CUDA; optional): one program per patch.
 
-nerf_head.patch_mlp computes h + SiLU(RMSNorm(h) W1) W2 for every pixel of every patch with
-batched matmuls, so each layer writes and keeps several (patches, pixels, 2 x width) tensors: for
-an L/16 batch of 64 at 256 px, 4.2M pixels x 128 channels each. Here one program owns one patch:
-it loads the patch's predicted W1 and W2 once, computes their Eq. 10 scales, runs its pixels
-through the MLP in on-chip memory and writes only the output. The backward recomputes the hidden
-activations from the layer's input instead of storing them, and sums the patch's weight gradients
-on chip, through the normalisation, so neither pass writes a normalised copy of the weights.
-(The last layer's backward takes two kernels: the first recomputes its output and differentiates
-the output norm and projection, the second is the layer's, as for any other. The first layer's is
-followed by a small kernel that sums the embedding's gradients over all patches in one pass.)
-In the head the first layer also computes the embedding from the pixels, and the last the output
-norm and projection, so the (patches, pixels, width) fp32 tensors in memory are only the inner
-layers' inputs (one at L/16). In training the head is one op, weight generators included, so
-that its backward can pass bf16 gradients from layer to layer. For inference (no gradients) a
-second kernel runs the whole head of a patch on chip, embedding, every layer and the output
-projection, and writes only the velocity.
+nerf_head.NerfBlock writes several (patches, pixels, 2 x width) tensors per layer. Here one
+program owns one patch: it loads the patch's predicted W1 and W2 once, computes their Eq. 10
+scales, runs its pixels through the MLP on chip and writes only the output. The backward
+recomputes the hidden activations from the layer's input and sums the patch's weight gradients
+on chip, through the normalisation. In the head the first layer also computes the embedding from
+the pixels and the last the output norm and projection; in training the whole head, weight
+generators included, is one op, so that its backward can pass bf16 gradients between layers.
+For inference one kernel runs the whole field of a patch and writes only the velocity.
 
-The forward rounds where the torch path rounds (h in fp32 or bf16; the matmul operands in the
-weights' dtype, bf16 or fp16; fp32 accumulation and Eq. 10 scales), so the two agree to
-accumulation order. The backward's matmul operands are in the weights' dtype too (as autocast's
-would be) where the torch path differentiates fp32 matmuls, so gradients agree to that rounding.
-The tests and `bench.py --what check` compare them. Other inputs take the torch path: enable()
-adds a faster path, never a different function.
-
-A file of its own so that nerf_head.py stays torch-only: the scripts call enable(model) on a GPU.
+The kernels compute Eq. 10 in its column-scale form, x (W diag(s)) = (x W) diag(s) with
+s_j = 1 / ||w_j||: the weights are rounded to the matmul dtype once, as the generator wrote them,
+the scales multiply the fp32 matmul outputs, and no normalised copy is made. `patch_mlp` and
+`reference_head` are that arithmetic in torch: the kernels match them to accumulation order, and
+they match nerf_head.py's plain form in fp32 (the tests check both). Where a kernel does not
+apply (CPU tensors, fp32 without autocast, fields wider than 64 x 128), nerf_head.py's forward runs.
 """
 from typing import List, Optional  # typing.List: custom_op schemas of torch < 2.7 read no built-in list type
 
 import torch
 import torch.nn.functional as F
 
-from nerf_head import NerfBlock, NerfHead, RMSNorm, coordinate_encoding, no_autocast, patch_mlp
+from nerf_head import NerfBlock, NerfHead, RMSNorm, coordinate_encoding, no_autocast
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU installs: the torch path serves
+except ImportError:  # CPU installs: nerf_head.py's forward serves
     triton = None
 
 
@@ -45,52 +34,101 @@ def available():
     return triton is not None and torch.cuda.is_available()
 
 
-def enable(model, on=True):
-    """Route every neural-field layer of `model` through the fused kernel where it applies, and
-    inference through the whole-field kernel (or, on=False, both back to the torch path). Returns
-    the number of layers routed (0 without Triton or CUDA)."""
-    blocks = [m for m in model.modules() if isinstance(m, NerfBlock)]
-    for m in blocks:
-        m.fused = fused_patch_mlp if on and available() and supported(m.width, m.hidden) else None
-    for m in model.modules():
-        if isinstance(m, NerfHead):
-            m.fused = fused_head if len(m.blocks) and all(b.fused for b in m.blocks) else None
-    return sum(m.fused is not None for m in blocks)
-
-
 def supported(width, hidden):
     """tl.dot tiles: powers of 2 >= 16; a patch's W1 and W2 on chip: up to the official 64 x 128 (the
-    training kernels of a 128-wide field need 257 KiB of shared memory, an H100 has 227)."""
+    training kernels of a 128-wide field need more shared memory than a Hopper GPU has)."""
     return all(d >= 16 and d & (d - 1) == 0 for d in (width, hidden)) and width * hidden <= 64 * 128
 
 
-def fused_patch_mlp(h, w, norm, norm_w2=True):
-    """patch_mlp(h, w, norm, norm_w2) through the kernel for CUDA inputs with bf16/fp16 weights, else the torch path."""
-    if not (h.is_cuda and w.dtype in (torch.bfloat16, torch.float16)):
-        return patch_mlp(h, w, norm, norm_w2)
-    return _patch_mlp_op(h.contiguous(), w.contiguous(), norm.weight, None, None, None, None, None,
-                         norm.eps, 0.0, norm_w2, False)
+# ---------------------------------------------------------------------------------------------
+# The kernels' arithmetic in torch: the column-scale form of Eq. 10
+# ---------------------------------------------------------------------------------------------
+
+def patch_mlp(h, w, norm, norm_w2=True):
+    """NerfBlock's h + SiLU(norm(h) W1/||W1||) W2/||W2|| with the norms as fp32 column scales.
+    h: (N, pixels, width); w: (N, 2 * width * hidden), each patch's generated W1 (width, hidden)
+    then W2 (hidden, width). Matmul operands in w's dtype, fp32 accumulation and results."""
+    N, P, C = h.shape
+    dt = w.dtype
+    w1, w2 = w.chunk(2, dim=-1)
+    w1, w2 = w1.view(N, C, -1), w2.view(N, -1, C)                      # (N, C, hid), (N, hid, C)
+    s1 = 1 / torch.linalg.vector_norm(w1, dim=1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
+    s2 = 1 / torch.linalg.vector_norm(w2, dim=1, keepdim=True, dtype=torch.float32).clamp_min(1e-12) \
+        if norm_w2 else 1.0                                            # (N, 1, hid), (N, 1, C)
+    with no_autocast(h):
+        a = torch.bmm(norm(h).to(dt).float(), w1.float()) * s1        # (N, P, hid), fp32
+        o = torch.bmm(F.silu(a).to(dt).float(), w2.float()) * s2      # (N, P, C), fp32
+    return h + o.to(h.dtype)
 
 
-def fused_head(head, s, pixels, ph, pw):
-    """NerfHead.forward through the kernels: of the (patches, pixels, width) fp32 tensors (1 GiB
-    each at L/16 batch 64) only the inner layers' inputs go to memory. Training: one kernel per
-    layer, the first computing the embedding, the last the output norm and projection, each
-    backward recomputing from its layer's input, all in one op (_head_train_op). Inference: the
-    whole field in one kernel (at most 4 layers), writing only the velocity. None where the kernels
-    do not apply and the head takes its torch path: CPU tensors, pixels not in fp32, generator
-    outputs in fp32 (no autocast)."""
-    return _fused_head(head, s, pixels, ph, pw) if pixels.is_cuda else None
+def reference_head(head, s, pixels, ph, pw):
+    """NerfHead.forward with patch_mlp for its layers, the first Linear split as the kernels split
+    it: Linear([x, phi]) = x Wx^T + (phi Wphi^T + b), the coordinate half once per pixel position."""
+    phi = coordinate_encoding(head.encoding, ph, pw, pixels.device)
+    dt, C = pixels.dtype, head.channels
+    with no_autocast(pixels):
+        w, b = head.embed.weight.to(dt), head.embed.bias.to(dt)
+        h = F.linear(pixels, w[:, :C]) + F.linear(phi.to(dt), w[:, C:], b)
+    for block in head.blocks:
+        h = patch_mlp(h, block.generator(s), block.norm, block.norm_w2)
+    with no_autocast(pixels):
+        return F.linear(head.norm_out(h), head.out.weight.to(dt), head.out.bias.to(dt))
 
 
-def _fused_head(head, s, pixels, ph, pw):  # the device check apart, for the interpreter test
+# ---------------------------------------------------------------------------------------------
+# The fast modules: nerf_head's, with forwards that run the kernels where they apply
+# ---------------------------------------------------------------------------------------------
+
+class FastNerfBlock(NerfBlock):
+    """NerfBlock through the layer kernel for CUDA inputs with 16-bit generated weights."""
+
+    def forward(self, h, s):
+        if not (h.is_cuda and _matmul_dtype(s, self.generator.weight) in (torch.bfloat16, torch.float16)):
+            return super().forward(h, s)
+        return _patch_mlp_op(h.contiguous(), self.generator(s).contiguous(), self.norm.weight, None, None, None,
+                             None, None, self.norm.eps, 0.0, self.norm_w2, False)
+
+
+class FastNerfHead(NerfHead):
+    """NerfHead through the head kernels: of the (patches, pixels, width) fp32 tensors (1 GiB each at
+    L/16 batch 64) only the inner layers' inputs go to memory. Training: one kernel per layer, all in
+    one op (_head_train_op). Inference: the whole field in one kernel (at most 4 layers)."""
+
+    def forward(self, s, pixels, ph, pw):
+        v = _fused_head(self, s, pixels, ph, pw) if pixels.is_cuda else None
+        return super().forward(s, pixels, ph, pw) if v is None else v
+
+
+def _matmul_dtype(s, weight):
+    """The dtype of the generator's output for input s: autocast's, else the promoted one."""
+    dev = s.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(s.dtype, weight.dtype)
+
+
+def enable(model):
+    """Swap the neural-field modules of a built model for the fast ones (in place, same parameters
+    and state-dict keys) where the kernels apply. Returns the number of field layers swapped."""
+    if not available():
+        return 0
+    n = 0
+    for m in model.modules():
+        if type(m) is NerfHead and len(m.blocks) and all(supported(b.width, b.hidden) for b in m.blocks):
+            m.__class__ = FastNerfHead
+            for b in m.blocks:
+                b.__class__ = FastNerfBlock
+                n += 1
+    return n
+
+
+def _fused_head(head, s, pixels, ph, pw):
+    """The head through the kernels; None where they do not apply (pixels not in fp32, generator
+    outputs in fp32)."""
     blocks, C = head.blocks, head.channels
     training = torch.is_grad_enabled()
     if pixels.dtype != torch.float32 or not (training or len(blocks) <= 4):
         return None
-    dev, gen = s.device.type, blocks[0].generator.weight
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(s.dtype, gen.dtype)
-    if dt not in (torch.bfloat16, torch.float16):  # fp32 without autocast: the torch path's matmuls
+    dt = _matmul_dtype(s, blocks[0].generator.weight)
+    if dt not in (torch.bfloat16, torch.float16):  # fp32 without autocast: nerf_head.py's matmuls
         return None
     phi = coordinate_encoding(head.encoding, ph, pw, pixels.device)        # (ph*pw, 64)
     with no_autocast(pixels):
@@ -390,30 +428,18 @@ if triton is not None:
         tl.store(DWX + ((i * S + j) * CHP + offs_k[:, None]) * C + offs_c[None, :], tl.sum(dwx, axis=1))
 
     _DT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-    # Tile settings, timed at L/16 batch-64 shapes on an H100, each kernel alone (median of triton's
-    # do_bench, 2026-11-26). Forward, per layer kind (the first layer embeds the pixels, the last
-    # ends with the output): 64-pixel tiles and 4 warps, plain 1.14 ms, first 1.26, last 1.0-1.7
-    # (two machines). Backward: 64-pixel tiles and 8 warps; 3 stages for the plain layer, 3.34 ms,
-    # and the last, 1 for the first, 4.58 with 1 stage when it also summed dL/dWx (2-3 stages were
-    # slower there, and under compute-sanitizer its 3-stage code crashed the process); the last's
-    # _out_grad_kernel (32 pixels, 4 warps) and layer together 5.18 with 1 stage. The pixel-major
-    # kernel before, whose matmuls had a tile's 16-32 pixels as rows, took 4.55 / 5.65 / 6.16 at
-    # its best settings. 8 warps hold the two (HID, C) fp32 sums in 64 registers a thread; Triton 3.6
-    # then uses 255 registers and spills 14-20 bytes; 4 warps or 128-pixel tiles spill hundreds of
-    # bytes and ran 1.5-6x slower. With 16-pixel tiles, 4 warps and 2 stages Triton 3.6's code read
-    # shared memory out of bounds (compute-sanitizer); the settings kept were clean for every kernel.
+    # Tile settings: the fastest of those timed at L/16 batch-64 shapes, each kernel alone
+    # (docs/speed.md). 8 warps in the backward hold its two (HID, C) fp32 sums in registers; fewer
+    # warps or larger tiles spill. 16-pixel tiles at 4 warps and 2 stages read shared memory out of
+    # bounds under Triton 3.6 (compute-sanitizer); these settings were clean for every kernel.
     _FWD = {"plain": dict(BP=64, num_warps=4, num_stages=3), "first": dict(BP=64, num_warps=4, num_stages=1),
             "last": dict(BP=64, num_warps=4, num_stages=1)}
     _BWD = {"plain": dict(BP=64, num_warps=8, num_stages=3), "first": dict(BP=64, num_warps=8, num_stages=1),
             "last": dict(BP=64, num_warps=8, num_stages=3)}
     _OUT_GRAD = dict(BP=32, num_warps=4, num_stages=1)
-    # The embedding-gradient kernel alone at L/16 batch-64 shapes (H100, 2026-11-26 12:15 UTC, 18
-    # settings): fp32 dL/dh0 0.495 ms as set (0.47-9.5 in the others); bf16 0.349 ms, against 0.560
-    # with fp32's setting (32-pixel rows hold a 16-byte load per thread, as 16 do in fp32).
-    _EMBED_GRAD = {4: dict(BP=16, T=64, num_warps=4), 2: dict(BP=32, T=128, num_warps=4)}  # by element size
-    # The whole-field kernel at batch 128 on an H100, kernel alone: 64-pixel tiles, 4 warps, 1 stage
-    # (L/16 4.70 ms, XL/16 9.73); 128 pixels with 8 warps 5.58 / 9.66, with 4 warps 8.29 / 32.9; 2
-    # stages slower or out of shared memory. Scales per tile instead of per patch: 4.88 / 11.25.
+    # by element size: 32-pixel rows hold a 16-byte load per thread in bf16, as 16 do in fp32
+    _EMBED_GRAD = {4: dict(BP=16, T=64, num_warps=4), 2: dict(BP=32, T=128, num_warps=4)}
+    # 64-pixel tiles, 4 warps, 1 stage: the fastest timed; 2 stages run out of shared memory
     _FIELD = dict(BP=64, num_warps=4, num_stages=1)
     _MAX_ELEMENTS = 2 ** 31
 
@@ -505,7 +531,7 @@ if triton is not None:
                       wx: Optional[torch.Tensor], go: Optional[torch.Tensor], wo: Optional[torch.Tensor],
                       bo: Optional[torch.Tensor], eps: float, eps_out: float, norm_w2: bool,
                       norm_out: bool) -> torch.Tensor:
-        """_layer_forward as an op of its own: NerfBlock.fused for one layer."""
+        """_layer_forward as an op of its own: FastNerfBlock's layer."""
         return _layer_forward(h, w, gain, e, wx, go, wo, bo, eps, eps_out, norm_w2, norm_out)
 
     @_patch_mlp_op.register_fake
