@@ -2334,3 +2334,17 @@ def test_text_mask_hides_padding():
         assert torch.allclose(model(x, t, text, mask), model(x, t, other, mask), atol=1e-6)
         assert not torch.allclose(model(x, t, text), model(x, t, other), atol=1e-3)
         assert torch.isfinite(model(x, t, text, torch.zeros_like(mask))).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and damaged files: train.py (nothing lost, nothing silently wrong)
+# ---------------------------------------------------------------------------------------------
+
+# (end of the train.py robustness tests)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and damaged files: sample.py and fid.py
+# ---------------------------------------------------------------------------------------------
+
+# (end of the sample.py and fid.py robustness tests)
