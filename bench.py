@@ -8,8 +8,8 @@
     python bench.py --model L/16 --batch-size 32 --cuda-graphs off on      # train.py --cuda-graphs
     python bench.py --model S/16 --image-size 32 --batch-size 2 --iters 2 --warmup 1   # CPU smoke
 
-A training step is the one train.py runs: flow-matching loss (REPA off), backward, AdamW and the
-fp32 EMA; with --fast on (CUDA) through fast.for_training, as train.py (bf16 compute copies, fused
+A training step is the one train.py runs: flow-matching loss (REPA with --repa on), backward, AdamW
+and the fp32 EMA; with --fast on (CUDA) through fast.for_training, as train.py (bf16 compute copies, fused
 kernels, compiled blocks, one AdamW + EMA kernel), with off the plain torch step. MFU = 3 x forward
 FLOPs x img/s / the card's bf16 matmul rate (fast.peak_flops); FLOPs are counted by torch's
 FlopCounterMode, not estimated.
@@ -25,7 +25,8 @@ import torch
 
 import fast
 from fast import optim
-from flow import training_losses
+from dinov2 import DINOv2, repa_target
+from flow import REPAProjector, training_losses
 from model import MODELS
 from samplers import guided, sample
 
@@ -100,25 +101,32 @@ def bench_train(name, head, batch, size, how, fast_on, graphs, args, device):
     config = {"name": name, "kwargs": {"head": head}}
     model = MODELS[name](head=head).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
+    encoder = projector = None
+    if args.repa == "on":  # a DINOv2 ViT-B/14 of random weights: the same work as the real one
+        encoder = DINOv2().to(device).requires_grad_(False).eval()
+        projector = REPAProjector(model.patch_embed.out_features).to(device)
+    params = [*model.parameters(), *(projector.parameters() if projector else [])]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=device.type == "cuda")
     if fast_on == "on":  # as train.py
         net, opt_step, _ = fast.for_training(model, ema, opt, ema_decay=0.9999, compile=how == "regions",
-                                             cuda_graphs=graphs == "on", log=lambda msg: None)
+                                             cuda_graphs=graphs == "on", encoder=encoder, log=lambda msg: None)
     else:  # train.py --no-fast: plain torch (compiled here if asked, to see what the kernels add)
         net = fast.compile_regions(model) if how == "regions" else model
 
         def opt_step():
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+            norm = torch.nn.utils.clip_grad_norm_(params, math.inf)
             opt.step()
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - 0.9999)
             return norm
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     y, null = conditions(model, batch, device)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    tokens = size // model.patch_size
 
     def step():
         with autocast:
-            loss = training_losses(net, x, y, null=null)["loss"]
+            target = None if encoder is None else repa_target(encoder, x, tokens, tokens)
+            loss = training_losses(net, x, y, null=null, projector=projector, repa_target=target)["loss"]
         loss.backward()
         opt_step()
         opt.zero_grad(set_to_none=True)
@@ -240,6 +248,8 @@ def main():
     p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=None,
                    help="sampling: replay each model call (default on); compiled CUDA training: the compiled "
                         "regions in reduce-overhead mode, as train.py --cuda-graphs (default off)")
+    p.add_argument("--repa", choices=["on", "off"], default="off",
+                   help="training with REPA (train.py --repa-encoder), a DINOv2 ViT-B/14 of random weights")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -251,9 +261,9 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast, {args.image_size}px")
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast, {args.image_size}px, REPA {args.repa}")
     else:
-        print(f"# CPU, torch {torch.__version__}, fp32, {args.image_size}px")
+        print(f"# CPU, torch {torch.__version__}, fp32, {args.image_size}px, REPA {args.repa}")
     fns, seen = {"train": bench_train, "sample": bench_sample, "check": check}, set()
     for what, name, head, how, kernel, graphs, batch in itertools.product(
             args.what, args.model, args.head, args.compile, args.fast, args.cuda_graphs or ["default"],

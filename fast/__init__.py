@@ -40,7 +40,7 @@ def compile_regions(model, **kwargs):
 
 
 def for_training(model, ema, opt, *, ema_decay, grad_clip=None, compile=True, cuda_graphs=False,
-                 bf16_copies=True, log=print):
+                 bf16_copies=True, encoder=None, log=print):
     """The fast version of a training step's pieces. model: the fp32 model that opt updates (opt may
     hold more parameters, e.g. the REPA projector); ema: its EMA copy.
 
@@ -48,7 +48,8 @@ def for_training(model, ema, opt, *, ema_decay, grad_clip=None, compile=True, cu
     when bf16_copies, with the kernels, compiled); step() clips the gradients to grad_clip (None:
     not clipped), runs AdamW and ema += (1 - ema_decay) (model - ema), writes the copies, zeroes
     their gradients and returns the gradients' total norm; comm_hook is the DDP communication hook
-    the copies need (DDP.register_comm_hook), or None."""
+    the copies need (DDP.register_comm_hook), or None. encoder: the frozen REPA target network
+    (dinov2.DINOv2), given bf16 weights and, with compile, compiled blocks, in place."""
     net, copies = compute_copy(model) if bf16_copies else (model, [])
     log(f"bf16 compute copies: {f'{len(copies)} Linear tensors' if copies else 'off'}")
     swapped = enable(net) + enable(ema)  # the EMA samples the training grids
@@ -58,6 +59,11 @@ def for_training(model, ema, opt, *, ema_decay, grad_clip=None, compile=True, cu
         log(f"CUDA graphs: {'on' if graphs else 'off (they need --compile)'}")
     if compile:
         compile_regions(net, **({"mode": "reduce-overhead"} if graphs else {}))
+    if encoder is not None:  # autocast runs it in bf16: its weights cast once, its blocks compiled
+        bf16_linears(encoder)
+        for block in encoder.blocks if compile else []:
+            block.compile(dynamic=False)
+        log(f"REPA encoder: bf16 weights{', compiled blocks' if compile else ''}")
     model_params, ema_params = list(model.parameters()), list(ema.parameters())
 
     def step():

@@ -314,6 +314,34 @@ def test_ddp_averages_bf16_gradients_in_fp32(tmp_path):
     assert r.returncode == 0 and "hook ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
 
+def test_repa_encoder_in_bf16_computes_what_autocast_does():
+    """fast.for_training's REPA encoder: bf16 Linear weights give under autocast exactly the targets
+    that autocast computes from the fp32 weights (compile off here; the CPU has no kernels)."""
+    from dinov2 import DINOv2, repa_target
+    torch.manual_seed(0)
+    encoder = DINOv2(embed_dim=64, depth=2, num_heads=2, img_size=56).requires_grad_(False).eval()
+    for p in encoder.parameters():
+        p.data += 0.02 * torch.randn_like(p)
+    fast_encoder = copy.deepcopy(encoder)
+    model = MODELS["XS/16"]()
+    fast.for_training(model, copy.deepcopy(model), torch.optim.AdamW(model.parameters()), ema_decay=0.9,
+                      compile=False, bf16_copies=False, encoder=fast_encoder, log=lambda msg: None)
+    assert fast_encoder.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert fast_encoder.blocks[0].norm1.weight.dtype == torch.float32
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.autocast("cpu", torch.bfloat16):
+        ref, out = repa_target(encoder, x, 2, 2), repa_target(fast_encoder, x, 2, 2)
+    assert torch.equal(out, ref) and not torch.equal(out, repa_target(encoder, x, 2, 2))  # autocast mattered
+
+
+def test_bench_trains_with_repa(tmp_path):
+    r = cli("bench.py", "--model", "XS/16", "--image-size", 32, "--batch-size", 2, "--iters", 1, "--warmup", 0,
+            "--compile", "none", "--repa", "on", cwd=tmp_path)
+    row = r.stdout.splitlines()[-1].split()
+    assert r.stdout.startswith("# CPU") and "REPA on" in r.stdout.splitlines()[0] and row[:2] == ["train", "XS/16"]
+    assert float(row[row.index("img_per_s") + 1]) > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # bench.py, MFU
 # ---------------------------------------------------------------------------------------------
