@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from checkpoints import write_atomic
+from checkpoints import check_writable, write_atomic
 
 IMG_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -29,6 +29,19 @@ def center_crop_adm(img, size):
     return arr[y: y + size, x: x + size]
 
 
+def walk(root):
+    """(folder, its file names) for every folder under root, sorted, following symbolic links as
+    torchvision's ImageFolder does (class folders are often links); a link to a folder already on
+    the way down to it is not entered, so a loop of links cannot make the walk endless."""
+    found, above = [], {}  # above: the real paths on the way down to each folder still to be walked
+    for dirpath, dirnames, files in os.walk(root, followlinks=True):
+        way = above.pop(dirpath, frozenset()) | {os.path.realpath(dirpath)}
+        dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in way]
+        above.update((os.path.join(dirpath, d), way) for d in dirnames)
+        found.append((dirpath, sorted(files)))
+    return sorted(found)
+
+
 class ImageFolder(Dataset):
     """One subfolder per class, or (captions=True) any images that have a same-named .txt caption.
     Items are (uint8 CHW image, label or caption index, number of unreadable files skipped to
@@ -39,8 +52,8 @@ class ImageFolder(Dataset):
         if not os.path.isdir(root):
             raise SystemExit(f"--data-path {root!r} is not a directory")
         self.root, self.size, self.files, names = root, size, [], []
-        for dirpath, _, files in sorted(os.walk(root)):
-            for f in sorted(files):
+        for dirpath, files in walk(root):
+            for f in files:
                 path = os.path.join(dirpath, f)
                 txt = os.path.splitext(path)[0] + ".txt"
                 if not f.lower().endswith(IMG_EXTS) or (captions and not os.path.exists(txt)):
@@ -58,6 +71,10 @@ class ImageFolder(Dataset):
                 "with same-named .txt captions" if captions else
                 f"in class subfolders (expected {root}/<class>/<image>{IMG_EXTS[0]})"))
         self.classes = sorted(set(names))
+        for d in [] if captions else sorted(set(os.listdir(root)) - set(self.classes)):
+            if os.path.isdir(os.path.join(root, d)) or not os.path.exists(os.path.join(root, d)):
+                warnings.warn(f"--data-path {root}: class folder {d} holds no image (or is a broken link): "
+                              "it is left out, so it has no label and the classes after it take lower ones")
         index = {c: i for i, c in enumerate(self.classes)}
         self.labels = [index[n] for n in names]
 
@@ -105,7 +122,6 @@ class ArrayDataset(Dataset):
 
 def cache_dataset(dataset, path, num_workers):
     """Decode and crop every image of an ImageFolder once into a uint8 array file (written atomically)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     loader = DataLoader(dataset, batch_size=64, num_workers=num_workers,
                         generator=torch.Generator())  # leaves the global RNG, so the model init, alone
     n, s = len(dataset), dataset.size
@@ -121,7 +137,9 @@ def cache_dataset(dataset, path, num_workers):
         np.save(path[: -len(".npy")] + ".labels.npy", labels)
         with open(path[: -len(".npy")] + ".json", "w") as f:
             json.dump({"classes": dataset.classes, "data_path": os.path.abspath(dataset.root)}, f)
-    write_atomic(path, write)
+    check_writable("--cache", path)  # not under a file, nor in a folder this user may not write in
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, write, f"--cache {path}")
 
 
 def open_cache(path, folder):
@@ -207,13 +225,20 @@ class Flipped(Dataset):
         return (x.flip(-1) if i >= len(self.dataset) else x), y, bad
 
 
-def training_data(data_path, size, captions, cache, hflip, num_workers, rank=0):
+def training_data(data_path, size, captions, cache, hflip, num_workers, rank=0, world=1):
     """What train.py trains on: the built-in shapes without data_path, else the image folder (read
-    through its uint8 cache when one is given: rank 0 makes it once), mirrored too with hflip."""
+    through its uint8 cache when one is given: rank 0 makes it once), mirrored too with hflip. A
+    folder of which no image can be read, or with fewer images than processes, is one clear error."""
     if not data_path:
         dataset = Shapes(size)
     else:
         dataset = ImageFolder(data_path, size, captions)
+        if len(dataset) < world:
+            raise SystemExit(f"--data-path {data_path}: {len(dataset)} images for {world} processes")
+        try:
+            dataset[0]  # the first readable one: all of them are tried
+        except RuntimeError:
+            raise SystemExit(f"--data-path {data_path}: none of its {len(dataset)} image files can be read")
         if cache:
             if not cache.endswith(".npy"):
                 raise SystemExit(f"--cache {cache}: must be a .npy file")

@@ -25,6 +25,7 @@ import importlib.util
 import os
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-from checkpoints import is_temporary, write_atomic
+from checkpoints import check_memory, is_temporary, write_atomic
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The FID Inception-v3 (pytorch-fid's FIDInception* layout, so its .pth loads as is)
@@ -232,19 +233,24 @@ def find_weights(path=None):
 def load_inception(path=None, device="cpu"):
     path = find_weights(path)
     if path is None or not os.path.isfile(path):
-        raise SystemExit((f"--inception {path}: no such file.\n" if path else "") + MISSING_WEIGHTS)
-    if _is_torchscript(path):  # default_1.pt
-        names = tf_to_pytorch_fid_names()
-        sd = {names[k]: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
-        sd.update({k[:-4] + "weight": torch.ones_like(v) for k, v in sd.items() if k.endswith("bn.bias")})
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    model = InceptionV3(logits="fc.weight" in sd)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+        raise SystemExit((f"--inception {path}: {'a folder, not a' if os.path.isdir(path) else 'no such'} file.\n"
+                          if path else "") + MISSING_WEIGHTS)
+    try:
+        if _is_torchscript(path):  # default_1.pt
+            names = tf_to_pytorch_fid_names()
+            sd = {names[k]: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
+            sd.update({k[:-4] + "weight": torch.ones_like(v) for k, v in sd.items() if k.endswith("bn.bias")})
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        model = InceptionV3(logits="fc.weight" in sd)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    except Exception as e:  # cut short, another kind of file, or weights of other shapes
+        raise SystemExit(f"--inception {path}: not readable FID Inception weights ({type(e).__name__}: {e})")
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise SystemExit(f"--inception {path}: not FID Inception weights "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if missing or unexpected or bad:
+        raise SystemExit(f"--inception {path}: not FID Inception weights (missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, NaN or inf in {bad[:5]})")
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -306,9 +312,10 @@ def image_files(folder):
 
 def _read_image(path):
     try:
-        return np.asarray(Image.open(path).convert("RGB"))
-    except OSError as e:  # PIL's messages for a truncated or foreign file do not always name it
-        raise SystemExit(f"{path}: not a readable image ({e})")
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's messages do not always name the file
+        raise SystemExit(f"{path}: not a readable image ({type(e).__name__}: {e})")
 
 
 def image_batches(path, batch_size):
@@ -329,20 +336,24 @@ def image_batches(path, batch_size):
         return -(-len(files) // batch_size), (np.stack([read(f) for f in files[i:i + batch_size]])
                                               for i in range(0, len(files), batch_size))
 
-    with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-        shape, fortran, dtype = _npy_header(f)
+    shape, fortran, dtype = _npz_header(path)
     if fortran or len(shape) != 4 or shape[3] != 3 or dtype != np.uint8:
         raise SystemExit(f"{path}: arr_0 is {'Fortran-order ' if fortran else ''}{dtype} {shape}, expected C-order "
                          "(N, H, W, 3) uint8 images")
     _check_count(path, shape[0])
 
     def from_npz():
-        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-            _npy_header(f)
-            for i in range(0, shape[0], batch_size):
-                n = min(batch_size, shape[0] - i)
-                data = bytearray(f.read(n * int(np.prod(shape[1:]))))  # writable for torch
-                yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:])
+        try:
+            with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+                _npy_header(f)
+                for i in range(0, shape[0], batch_size):
+                    n = min(batch_size, shape[0] - i)
+                    data = bytearray(f.read(n * int(np.prod(shape[1:]))))  # writable for torch
+                    if len(data) < n * int(np.prod(shape[1:])):
+                        raise EOFError(f"it ends after {i + len(data) // int(np.prod(shape[1:]))} images")
+                    yield np.frombuffer(data, np.uint8).reshape(n, *shape[1:])
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a damaged member: its CRC, its length
+            raise SystemExit(f"{path}: arr_0 cannot be read whole ({type(e).__name__}: {e})")
     return -(-shape[0] // batch_size), from_npz()
 
 
@@ -355,6 +366,35 @@ def _npy_header(f):
     fmt = np.lib.format
     read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
     return read_header(f)  # shape, fortran_order, dtype
+
+
+def _npz_header(path):
+    """(shape, fortran_order, dtype) of an npz's arr_0, read from its header alone."""
+    try:
+        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+            return _npy_header(f)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise SystemExit(f"{path}: arr_0 has no readable header ({type(e).__name__}: {e})")
+
+
+def image_size(path):
+    """(H, W) of the images of a folder or an npz's arr_0, from one header; a statistics file's image_size, which
+    fid.py records in those it writes; None if unknown (ADM's statistics-only files) or unreadable (said later)."""
+    if os.path.isdir(path):
+        files = image_files(path)
+        return tuple(_read_image(files[0]).shape[:2]) if files else None
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    if "arr_0.npy" in names:
+        shape = _npz_header(path)[0]
+        return tuple(shape[1:3]) if len(shape) == 4 else None
+    try:
+        with np.load(path) as f:
+            return tuple(int(v) for v in f["image_size"]) if "image_size.npy" in names else None
+    except Exception:  # load_stats says what is wrong with the file
+        return None
 
 
 def stats_path(path):
@@ -397,9 +437,13 @@ def load_stats(path, get_model, batch_size=64, device="cpu", weights=None):
     if not os.path.isdir(path):
         if not zipfile.is_zipfile(path):
             raise SystemExit(f"{path}: not an image folder or a readable .npz")
-        with np.load(path) as f:
-            given = {k: f[k] for k in f.files if k not in ("arr_0", "cache_key")}
-            has_images = "arr_0" in f.files
+        try:
+            with np.load(path) as f:
+                given = {k: f[k] for k in f.files if k not in ("arr_0", "cache_key")}
+                has_images = "arr_0" in f.files
+        except Exception as e:  # a damaged member, an object array (never unpickled)
+            raise SystemExit(f"{path}: not a readable .npz ({type(e).__name__}: {e})")
+        _check_given(path, given)
     if "acts" in given or not has_images:
         if "mu" not in given:
             raise SystemExit(f"{path}: neither images (arr_0) nor statistics (mu, sigma)")
@@ -411,12 +455,37 @@ def load_stats(path, get_model, batch_size=64, device="cpu", weights=None):
         computed = compute_activations(get_model(), batches, device, total)
         spatial = computed.pop("spatial")
         computed.update(mu=computed["acts"].mean(0), sigma=np.cov(computed["acts"], rowvar=False),
-                        mu_s=spatial.mean(0), sigma_s=np.cov(spatial, rowvar=False))
+                        mu_s=spatial.mean(0), sigma_s=np.cov(spatial, rowvar=False), image_size=image_size(path))
         try:
             write_atomic(cache, lambda tmp: np.savez(tmp, cache_key=key, **computed))  # a kill leaves no torn cache
         except OSError as e:  # e.g. a read-only reference folder: the statistics are good, only the cache is lost
             warnings.warn(f"{cache}: not written ({e})")
     return {**computed, **given}
+
+
+def _check_given(path, given):
+    """The statistics an npz brings, as ADM reads them: mu and sigma (and mu_s, sigma_s) in pairs, a finite mean and
+    its covariance; activations a finite (N, features) array. Else one line naming the file, not a KeyError later
+    or a FID of NaN (scipy's sqrtm of a NaN matrix runs for many minutes)."""
+    for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if (mu in given) != (sigma in given):
+            have, lack = (mu, sigma) if mu in given else (sigma, mu)
+            raise SystemExit(f"{path}: has {have} but no {lack}: statistics come as mean and covariance together")
+    try:
+        arrays = {k: np.asarray(given[k], dtype=np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s", "acts")
+                  if k in given}
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"{path}: statistics that are not numbers ({e})")
+    for key, value in arrays.items():
+        if not np.isfinite(value).all():
+            raise SystemExit(f"{path}: {key} holds NaN or inf")
+    for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if mu in arrays and (arrays[mu].ndim != 1 or arrays[sigma].shape != arrays[mu].shape * 2):
+            raise SystemExit(f"{path}: {mu} {arrays[mu].shape} and {sigma} {arrays[sigma].shape} are not a mean "
+                             "and its covariance")
+    acts = arrays.get("acts")
+    if acts is not None and (acts.ndim != 2 or "mu" in arrays and acts.shape[1:] != arrays["mu"].shape):
+        raise SystemExit(f"{path}: acts {acts.shape} are not (N, features) activations of the size of mu")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -495,6 +564,39 @@ def evaluate(samples, ref, device="cpu"):
     return out
 
 
+def check_args(args):
+    """--device and --batch-size, before anything is read: one line naming the flag."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"--device {args.device}: not a device ({e})")
+    gpus = torch.cuda.device_count()
+    if device.type not in ("cpu", "cuda") or device.type == "cuda" and (device.index or 0) >= gpus:
+        raise SystemExit(f"--device {args.device}: use cpu, or cuda[:N] for one of the {gpus} GPUs here")
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size {args.batch_size}: must be at least 1")
+    # at least each image's resized float32 input and its first convolution's output
+    check_memory(f"--batch-size {args.batch_size}: a batch", args.batch_size * 4 * (3 * 299**2 + 32 * 149**2), device)
+
+
+def check_sizes(paths):
+    """Samples and reference of one image size, from their headers, before any features are computed; else one line
+    naming both. The Inception features depend on the size the images are resized from, so FID across sizes is no
+    FID of the paper's (32 px samples against a 64 px reference scored 191)."""
+    (h, w), (rh, rw) = sizes = [image_size(path) or (0, 0) for path in paths]  # 0: unknown, as in ADM's stats files
+    if 0 not in (h, rh) and sizes[0] != sizes[1]:
+        raise SystemExit(f"{paths[0]}: {w}x{h} images, but {paths[1]} holds {rw}x{rh}: FID compares images of one "
+                         "size; sample at the reference's (sample.py --resolution H W) or take another reference")
+
+
+def check_features(paths, stats):
+    """Statistics of one feature size (of one network), else one line naming both files."""
+    for key in ("mu", "mu_s", "acts"):
+        n, m = (s[key].shape[-1] if key in s else None for s in stats)
+        if None not in (n, m) and n != m:
+            raise SystemExit(f"{paths[0]}: {key} of {n} features, but {paths[1]} of {m}: statistics of other networks")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="FID / sFID / Precision / Recall / IS as guided-diffusion's evaluator.")
     p.add_argument("samples", help="image folder, or npz with arr_0 uint8 NHWC")
@@ -503,14 +605,15 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size {args.batch_size}: must be at least 1")
+    check_args(args)
+    paths = (args.samples, args.reference)
+    check_sizes(paths)
     # cuDNN convs default to TF32 (10-bit mantissa) on Ampere+: keep full float32 like the TF evaluator.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     weights = find_weights(args.inception)
     get_model = functools.cache(lambda: load_inception(weights, args.device))
-    stats = [load_stats(path, get_model, args.batch_size, args.device, weights)
-             for path in (args.samples, args.reference)]
+    stats = [load_stats(path, get_model, args.batch_size, args.device, weights) for path in paths]
+    check_features(paths, stats)
     results = evaluate(*stats, device=args.device)
     for name, value in results.items():
         print(f"{name:<10} {value:.4f}" if isinstance(value, float) else f"{name:<10} {value}")

@@ -1679,13 +1679,13 @@ KILLER = textwrap.dedent("""
     real_save, calls = torch.save, []
 
     def torn_save(obj, f, *args, **kwargs):
-        assert f.endswith(".tmp.pt"), f  # checkpoints.write_atomic's temporary file
+        assert f.name.endswith(".tmp.pt"), f.name  # checkpoints.write_atomic's temporary file, open
         calls.append(obj["step"])
         if len(calls) == 2:
             buf = io.BytesIO()
             real_save(obj, buf, *args, **kwargs)
-            with open(f, "wb") as out:
-                out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         real_save(obj, f, *args, **kwargs)
 
@@ -1805,9 +1805,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, lo
     real, calls = flow.training_losses, []
 
     def poisoned(*args, **kwargs):  # finite for 2 steps, then NaN (still differentiable)
-        calls.append(1)
+        calls.append(torch.is_grad_enabled())  # a training step's, not the check of the weights before a save
         out = real(*args, **kwargs)
-        return {k: v * float("nan") for k, v in out.items()} if len(calls) > 2 else out
+        return {k: v * float("nan") for k, v in out.items()} if sum(calls) > 2 else out
 
     monkeypatch.setattr(flow, "training_losses", poisoned)
     with pytest.raises(SystemExit) as err:
@@ -1832,8 +1832,10 @@ def test_init_from_takes_ema_weights_and_rejects_other_size(trained, tmp_path):
     _, src_path = trained
     src = load_ckpt(src_path)
     assert any(not torch.equal(src["model"][k], src["ema"][k]) for k in src["ema"])  # EMA != online weights
-    # lr 0: one step leaves the weights where --init-from put them
-    run_dir = run_train(tmp_path, "--init-from", src_path, "--lr", 0, "--global-batch-size", 2, "--max-steps", 1)
+    # an optimizer that does nothing: one step leaves the weights where --init-from put them
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
+        run_dir = run_train(tmp_path, "--init-from", src_path, "--global-batch-size", 2, "--max-steps", 1)
     new = load_ckpt(os.path.join(run_dir, "ckpt-last.pt"))
     assert new["step"] == 1
     assert_same_tensors(new["model"], src["ema"])
@@ -2143,17 +2145,20 @@ def test_sample_at_another_resolution(trained, tmp_path):
 def test_official_checkpoint_size_is_given_by_flags(trained, tmp_path, monkeypatch):
     """An official checkpoint records neither its model nor its training size: --trained-at gives the
     size (512 for the res512 fine-tune, which runs a 32x32 token grid, not the arbitrary-resolution
-    path), --model the model, and a wrong one says so. Ours record both, so a --trained-at that
-    differs is refused."""
+    path), and a class-to-image one without it is refused (256 and 512 files look alike); --model
+    gives the model, and a wrong one says so. Ours record both, so a --trained-at that differs is
+    refused."""
     ours = load_ckpt(trained[1])
     official = tmp_path / "official.ckpt"
     torch.save({"state_dict": {"ema_denoiser.blocks.0.x": torch.zeros(1)}}, official)
     monkeypatch.setattr(checkpoints, "convert_official", lambda sd: ours["ema"])  # ours in official clothes
-    model, train_args = checkpoints.load_model(str(official), "XS/16")
+    with pytest.raises(SystemExit, match="does not record the size .*--trained-at 256 .*--trained-at 512"):
+        checkpoints.load_model(str(official), "XS/16")
+    model, train_args = checkpoints.load_model(str(official), "XS/16", trained_at=256)
     assert train_args["image_size"] == 256 and model.num_classes == ours["model_config"]["kwargs"]["num_classes"]
     assert checkpoints.load_model(str(official), "XS/16", trained_at=512)[1]["image_size"] == 512
     with pytest.raises(SystemExit, match="do not record their size: --model picks it"):
-        checkpoints.load_model(str(official), "S/16")
+        checkpoints.load_model(str(official), "S/16", trained_at=256)
     with pytest.raises(SystemExit, match="--trained-at 64: .* was trained at 32"):
         checkpoints.load_model(trained[1], trained_at=64)
 
@@ -2233,12 +2238,14 @@ def test_interrupted_npz_write_keeps_the_old_npz(trained, tmp_path, monkeypatch)
     run_sample(*argv)
     good = np.load(tmp_path / "s.npz")["arr_0"]
 
-    def killed(file, **arrays):  # writes part of the file, then the run dies
-        with open(file, "wb") as f:
-            f.write(b"PK\x03\x04 half")
-        raise KeyboardInterrupt
+    read_png = checkpoints.read_png
 
-    monkeypatch.setattr(sample.np, "savez", killed)
+    def killed(path, size):  # the .npz is streamed: the run dies after its first image is written
+        if path.endswith("000001.png"):
+            raise KeyboardInterrupt
+        return read_png(path, size)
+
+    monkeypatch.setattr(checkpoints, "read_png", killed)
     with pytest.raises(KeyboardInterrupt):
         run_sample(*argv)
     np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["arr_0"], good)
@@ -2340,11 +2347,558 @@ def test_text_mask_hides_padding():
 # Bad input and damaged files: train.py (nothing lost, nothing silently wrong)
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("part", ["model", "ema"])
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, monkeypatch, part):
+    """An update that leaves NaN in the weights (or in their EMA only) while the loss and gradient of
+    the step were finite stops the run before the checkpoint: the last good one stays, and the stop
+    line, in log.txt too, names it and its step."""
+    real, calls = train.update_ema, []
+
+    def poisoned(ema, model, decay):  # the 3rd update leaves a NaN behind
+        real(ema, model, decay)
+        calls.append(1)
+        if len(calls) == 3:
+            next((model if part == "model" else ema).parameters()).data.fill_(float("nan"))
+
+    monkeypatch.setattr(train, "update_ema", poisoned)
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path, "--global-batch-size", 2, "--max-steps", 6, "--ckpt-every", 1, "--log-every", 10)
+    run_dir = tmp_path / "000-XS-16"
+    assert err.value.code.startswith("step 3: the weights or their EMA hold NaN or inf"), err.value.code
+    assert f"The last good checkpoint, {run_dir / 'ckpt-last.pt'} (step 2), is intact." in err.value.code
+    ckpt = load_ckpt(run_dir / "ckpt-last.pt")
+    assert ckpt["step"] == 2 and checkpoints.all_finite(ckpt["model"], ckpt["ema"])
+    assert err.value.code in (run_dir / "log.txt").read_text()
+
+
+def test_diverged_weights_are_not_saved_and_nan_weight_files_are_refused(trained, tmp_path):
+    """--lr 1e6: the first update gives finite weights of a loss ~1e13 (the step's own loss, of the
+    weights before it, was 1.5); they are not saved, and the line says no checkpoint exists. A
+    weights file that holds NaN is refused at load, naming its flag, before a run folder."""
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path / "lr", "--lr", 1e6, "--global-batch-size", 2, "--max-steps", 5, "--ckpt-every", 1,
+                  "--log-every", 1)
+    assert err.value.code.startswith("step 1: the weights diverged: their loss on the last batch is "), err.value.code
+    assert err.value.code.endswith("This run has saved no checkpoint yet.")
+    assert not os.path.exists(tmp_path / "lr" / "000-XS-16" / "ckpt-last.pt")
+
+    nan = load_ckpt(trained[1])
+    nan["ema"] = {k: torch.full_like(v, float("nan")) for k, v in nan["ema"].items()}
+    torch.save(nan, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path / "init", "--init-from", tmp_path / "nan.pt", "--global-batch-size", 2, "--max-steps", 1)
+    assert err.value.code.startswith(f"--init-from {tmp_path / 'nan.pt'}: its weights hold NaN or inf")
+    assert no_run_folder(tmp_path / "init")
+    module = nn.Linear(2, 2)  # what --repa-encoder's loader gives: a module
+    module.weight.data[0, 0] = float("inf")
+    with pytest.raises(SystemExit, match=r"^--repa-encoder \S+: its weights hold NaN or inf"):
+        checkpoints.read_weights("--repa-encoder", str(tmp_path / "nan.pt"), lambda path: module)
+
+
+def test_metrics_are_rewritten_atomically_on_resume(tmp_path, monkeypatch):
+    """A resume rewrites metrics.jsonl without the rows after its checkpoint; a kill in the middle of
+    that leaves the old file whole, not an empty one (the history would be lost on the next resume)."""
+    run_dir = run_train(tmp_path, "--global-batch-size", 2, "--max-steps", 3, "--log-every", 1, "--ckpt-every", 2)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    before = open(path).read()
+    real_open = open
+
+    def killed(file, mode="r", *args, **kwargs):  # the process dies as soon as it opens a file to write
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode:
+            f.close()
+            raise KeyboardInterrupt
+        return f
+
+    monkeypatch.setattr(checkpoints, "open", killed, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.rewind_run(run_dir, 2)
+    monkeypatch.undo()
+    assert open(path).read() == before
+    assert not [f for f in os.listdir(run_dir) if checkpoints.is_temporary(f)]
+    run_train(tmp_path, "--resume", run_dir, "--max-steps", 4)
+    assert [row["step"] for row in metrics(run_dir)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--grad-clip", -1), ("--ema-decay", 1.5), ("--ema-decay", "nan"), ("--t-shift", 0), ("--t-shift", -2),
+    ("--p-uncond", 1.5), ("--p-uncond", -0.1), ("--lr", 0), ("--lr", "inf"), ("--lr", "nan"), ("--lr", -1e-4),
+    ("--beta2", 1), ("--beta2", 1.5), ("--weight-decay", -1), ("--repa-weight", -1), ("--sample-cfg", "nan"),
+    ("--sample-cfg", "inf"), ("--patch-size", 0), ("--patch-size", 12), ("--nerf-width", 0), ("--nerf-depth", -1),
+    ("--text-len", 0), ("--image-size", 0), ("--image-size", 100000), ("--max-steps", 0), ("--sample-steps", 0),
+    ("--milestone-every", -1), ("--seed", -1), ("--seed", 2 ** 32)])
+def test_every_numeric_flag_is_checked_before_a_run_folder(tmp_path, flag, value):
+    """Each numeric flag out of its meaningful range, NaN and inf included (the model and AdamW would
+    refuse some only after the run folder exists; others would train by gradient ascent or on NaN),
+    and an image size whose batch alone exceeds this machine's memory: one line naming the flag,
+    before a run folder."""
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path, "--global-batch-size", 2, "--max-steps", 1, flag, value)
+    assert isinstance(err.value.code, str) and flag in err.value.code.split(":")[0] + err.value.code[-20:]
+    assert no_run_folder(tmp_path)
+
+
+def test_resume_falls_back_to_a_milestone_when_ckpt_last_is_unusable(tmp_path):
+    """A ckpt-last.pt cut short, turned into a folder, holding a bare state dict or NaN weights: the
+    resume warns, keeps that file aside and continues from the newest milestone, to the same weights
+    as an uninterrupted run. Without a milestone it stops with one line (no torch advice to load
+    with weights_only=False) and touches nothing."""
+    common = ("--global-batch-size", 2, "--log-every", 1, "--ckpt-every", 2, "--milestone-every", 2)
+    whole = load_ckpt(os.path.join(run_train(tmp_path / "whole", *common, "--max-steps", 6), "ckpt-last.pt"))
+    base = run_train(tmp_path / "base", *common, "--max-steps", 4)
+    good = load_ckpt(os.path.join(base, "ckpt-last.pt"))
+    for damage in ("truncated", "folder", "state dict", "nan"):
+        run = shutil.copytree(base, tmp_path / damage / "000-XS-16")
+        last = run / "ckpt-last.pt"
+        if damage == "truncated":
+            last.write_bytes(last.read_bytes()[:1000])
+        elif damage == "folder":
+            last.unlink()
+            last.mkdir()
+        elif damage == "state dict":
+            torch.save(good["model"], last)
+        else:
+            torch.save({**good, "model": {k: v * float("nan") for k, v in good["model"].items()}}, last)
+        with pytest.warns(UserWarning, match="ckpt-last.pt: .*resuming from ckpt-0000004.pt at step 4"):
+            run_train(tmp_path / damage, "--resume", run, "--max-steps", 6)
+        final = load_ckpt(last)
+        assert final["step"] == 6, damage
+        assert_same_tensors(final["model"], whole["model"])
+        assert [row["step"] for row in metrics(run)] == list(range(1, 7))
+        assert len([f for f in os.listdir(run) if f.startswith("ckpt-last.pt.unusable-")]) == 1, damage
+
+    single = run_train(tmp_path / "single", "--global-batch-size", 2, "--max-steps", 1)  # no milestone
+    last = os.path.join(single, "ckpt-last.pt")
+    torn = open(last, "rb").read()[:1000]
+    open(last, "wb").write(torn)
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path / "single", "--resume", single, "--max-steps", 2)
+    assert err.value.code == f"--resume {single}: no checkpoint to resume from: ckpt-last.pt: not readable " \
+                             "(RuntimeError)" and "weights_only" not in err.value.code
+    assert open(last, "rb").read() == torn
+
+
+def test_a_run_being_trained_is_not_resumed_twice(tmp_path):
+    """While a process trains a run (holds its lock), a --resume of it stops with one line and changes
+    nothing; once that process is gone, the resume runs."""
+    run_dir = run_train(tmp_path, "--global-batch-size", 2, "--max-steps", 1, "--log-every", 1)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "import checkpoints; lock = checkpoints.lock_run(sys.argv[2]); print('locked', "
+                               "flush=True); time.sleep(300)", HERE, run_dir], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = {f: open(os.path.join(run_dir, f), "rb").read() for f in ("ckpt-last.pt", "metrics.jsonl")}
+        with pytest.raises(SystemExit) as err:
+            run_train(tmp_path, "--resume", run_dir, "--max-steps", 3)
+        assert err.value.code.startswith(f"{run_dir}: another train.py is training this run now")
+        assert before == {f: open(os.path.join(run_dir, f), "rb").read() for f in before}
+    finally:
+        holder.kill()
+        holder.wait()
+    run_train(tmp_path, "--resume", run_dir, "--max-steps", 2)
+    assert [row["step"] for row in metrics(run_dir)] == [1, 2]
+
+
+def test_a_folder_of_unreadable_images_stops_before_a_run_folder(tmp_path):
+    """No image of the folder can be read (or fewer than the processes): one line, before a run folder,
+    not a DataLoader traceback after it."""
+    data = tmp_path / "data"
+    for c in "ab":
+        os.makedirs(data / c)
+        (data / c / "0.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipping unreadable image"), pytest.raises(SystemExit) as err:
+        run_train(tmp_path / "results", "--data-path", data, "--global-batch-size", 2, "--max-steps", 1)
+    assert err.value.code == f"--data-path {data}: none of its 2 image files can be read"
+    assert no_run_folder(tmp_path / "results")
+    with pytest.raises(SystemExit, match="2 images for 3 processes"):  # each process needs one at least
+        datasets.training_data(str(data), 32, False, None, False, 0, rank=0, world=3)
+
+
+def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch):
+    """The disk fills up during the 2nd checkpoint's write (torch's zip writer would say only "file
+    write failed"): one line says the disk is full, the temporary file is gone and the previous
+    checkpoint is whole."""
+    import errno
+    real_open, opened = open, []
+
+    class FullDisk:  # a file whose disk is full after its first 1000 bytes
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            if self.f.tell() + len(b) > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if str(file).endswith(".tmp.pt") and "w" in mode:
+            opened.append(file)
+            return FullDisk(f) if len(opened) == 2 else f
+        return f
+
+    monkeypatch.setattr(checkpoints, "open", full_disk_open, raising=False)
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path, "--global-batch-size", 2, "--max-steps", 3, "--ckpt-every", 1)
+    run_dir = tmp_path / "000-XS-16"
+    assert err.value.code.startswith(f"{run_dir / 'ckpt-last.pt'}: not written, the disk is full"), err.value.code
+    assert load_ckpt(run_dir / "ckpt-last.pt")["step"] == 1
+    assert not [f for f in os.listdir(run_dir) if checkpoints.is_temporary(f)]
+    def no_space(*args, **kwargs):  # and a metrics row that finds the disk full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "open", no_space, raising=False)
+    with pytest.raises(SystemExit, match=r"metrics.jsonl: not written \(No space left on device\)"):
+        checkpoints.append_metrics(str(run_dir), {"step": 2})
+
+
+def test_symlinked_class_folders_are_classes_and_empty_ones_are_named(tmp_path):
+    """A class folder that is a symbolic link is a class (as in torchvision's ImageFolder), links that
+    lead back where they came from do not loop, and an empty class folder or a broken link is named in
+    a warning."""
+    data = clean_folder(tmp_path / "data")  # a and b, 4 images each
+    os.symlink(clean_folder(tmp_path / "elsewhere") / "a", data / "c")
+    os.symlink(data, data / "a" / "loop")
+    os.makedirs(tmp_path / "p" / "q")  # a loop of two links, neither to a folder above itself
+    os.symlink(tmp_path / "p", tmp_path / "p" / "q" / "back")
+    os.symlink(tmp_path / "p" / "q", data / "b" / "q")
+    os.makedirs(data / "d")
+    os.symlink(tmp_path / "gone", data / "e")
+    with pytest.warns(UserWarning) as record:
+        ds = datasets.ImageFolder(str(data), 32)
+    assert ds.classes == ["a", "b", "c"] and len(ds) == 12 and ds.labels.count(2) == 4
+    assert all(f.startswith(str(data / "c")) for f, y in zip(ds.files, ds.labels) if y == 2)
+    warned = " ".join(str(w.message) for w in record)
+    assert "class folder d holds no image" in warned and "class folder e " in warned
+
+
+def test_text_to_image_defaults_follow_the_official_recipe(tmp_path, monkeypatch):
+    """lr 2e-4 at 256 px and 1e-4 at 512 (configs_t2i), no text mask, the encoder in bf16 (recorded in
+    the caption cache; --text-encoder-dtype fp32 on request; a cache of the other precision refused;
+    older caches and runs, which had no such setting, were fp32 and stay so)."""
+    import text_encoder
+    parse = train.get_parser().parse_args
+    for size, lr in ((256, 2e-4), (512, 1e-4)):
+        args, _ = train.resolve_args(parse(["--text-cache", "x.pt", "--data-path", "d", "--image-size", str(size)]), 1)
+        assert (args.lr, args.text_mask, args.text_encoder_dtype) == (lr, False, "bf16")
+    assert train.resolve_args(parse(["--text-cache", "x.pt", "--text-mask"]), 1)[0].text_mask is True
+    seen = []
+    monkeypatch.setattr(text_encoder, "load_text_encoder",
+                        lambda path, max_length, **kw: seen.append(kw["dtype"]) or make(dtype=kw["dtype"]))
+    cache = tmp_path / "bf16.pt"
+    feats, _ = text_encoder.caption_features(["red disc"], "tiny", L, str(cache))
+    assert seen == [torch.bfloat16] and torch.load(cache)["dtype"] == "bf16" and torch.isfinite(feats).all()
+    text_encoder.caption_features(["red disc"], "tiny", L, str(tmp_path / "fp32.pt"), dtype="fp32")
+    assert seen[-1] == torch.float32
+    with pytest.raises(SystemExit, match="holds features encoded in bf16, not --text-encoder-dtype fp32"):
+        text_encoder.caption_features(["red disc"], "tiny", L, str(cache), dtype="fp32")
+    old = torch.load(tmp_path / "fp32.pt")
+    del old["dtype"]
+    torch.save(old, tmp_path / "old.pt")
+    text_encoder.caption_features(["blue"], "tiny", L, str(tmp_path / "old.pt"))  # sample.py's call: no dtype
+    assert seen[-1] == torch.float32
+
+    run_dir = run_train(tmp_path / "results", "--model", "T2I-XS/16", "--text-encoder", "tiny", "--text-len", L,
+                        "--global-batch-size", 2, "--max-steps", 1)
+    saved = json.load(open(os.path.join(run_dir, "args.json")))
+    assert seen[-1] == torch.bfloat16 and (saved["text_mask"], saved["text_encoder_dtype"]) == (False, "bf16")
+    ckpt = load_ckpt(os.path.join(run_dir, "ckpt-last.pt"))
+    del ckpt["args"]["text_encoder_dtype"]  # a run saved before the flag existed
+    torch.save(ckpt, os.path.join(run_dir, "ckpt-last.pt"))
+    run_train(tmp_path / "results", "--resume", run_dir, "--model", "T2I-XS/16", "--max-steps", 2)
+    assert seen[-1] == torch.float32
+
+
+def test_paths_that_cannot_be_written_are_one_clear_line(tmp_path, monkeypatch):
+    """--results-dir, --cache and --text-cache under a file, and a caption cache that holds NaN: one
+    line naming the flag, before a run folder (and before the captions are encoded)."""
+    import text_encoder
+    monkeypatch.setattr(text_encoder, "load_text_encoder", lambda path, max_length, **kw: make())
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    t2i = ("--model", "T2I-XS/16", "--text-encoder", "tiny", "--text-len", L)
+    for flag, results, extra in (
+            ("--results-dir", a_file / "results", ()),
+            ("--cache", tmp_path / "r", ("--data-path", clean_folder(tmp_path / "data"), "--cache", a_file / "c.npy")),
+            ("--text-cache", tmp_path / "r", (*t2i, "--text-cache", a_file / "c.pt"))):
+        with pytest.raises(SystemExit) as err:
+            run_train(results, "--global-batch-size", 2, "--max-steps", 1, *extra)
+        assert err.value.code.startswith(f"{flag} {a_file}/"), err.value.code
+        assert no_run_folder(tmp_path / "r")
+    bad = tmp_path / "nan.pt"
+    text_encoder.caption_features(datasets.Shapes.classes, "tiny", L, str(bad))
+    saved = torch.load(bad)
+    torch.save({**saved, "features": saved["features"] * float("nan")}, bad)
+    with pytest.raises(SystemExit, match=f"^--text-cache {bad}: holds features that are NaN or inf"):
+        run_train(tmp_path / "r", *t2i, "--text-cache", bad, "--global-batch-size", 2, "--max-steps", 1)
+
+
+def test_runs_started_at_once_get_their_own_folders(tmp_path, monkeypatch):
+    """Two runs started together both see 000 free: the one that comes second takes 001, no error."""
+    os.makedirs(tmp_path / "000-XS-16")  # made by the other run since this one looked
+    real, calls = checkpoints.newest_run, []
+    monkeypatch.setattr(checkpoints, "newest_run",
+                        lambda results_dir: calls.append(1) or (real(results_dir) if len(calls) > 1 else None))
+    assert checkpoints.new_run_dir(str(tmp_path), "XS/16") == str(tmp_path / "001-XS-16")
+
 # (end of the train.py robustness tests)
 
 
 # ---------------------------------------------------------------------------------------------
 # Bad input and damaged files: sample.py and fid.py
 # ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["--cfg-scale", "nan"],  # NaN guidance: black images
+    ["--cfg-scale", "inf"],
+    ["--cfg-scale", -1],
+    ["--cfg-interval", 0.1, "inf"],
+    ["--cfg-interval", -0.5, 1],  # times are in [0, 1]
+    ["--cfg-interval", 0.1, 2],
+    ["--shift", "inf"],
+    ["--shift", 1e39],  # overflows float32: every time but the last is 0
+    ["--shift", 1e-39],  # every time but the first is 1
+    ["--steps", 2**24 + 1],  # more than a float32 time grid holds
+    ["--seed", -1],
+    ["--seed", 2**32],
+    ["--trained-at", 0],
+    ["--num-samples", 1_000_001],  # more than the 6-digit PNG names hold
+    ["--resolution", 100000, 100000],  # one image's noise alone is 120 GB
+    ["--images-per-condition", 10**8],
+    ["--class-labels", 0, "--num-samples", 2],  # ignored by the 50K mode: every class alike
+    ["--images-per-condition", 2, "--num-samples", 2],
+    ["--prompt", "a cat"],  # a class-to-image checkpoint reads no prompt
+    ["--text-cache", "captions.pt"],
+])
+def test_every_sample_flag_out_of_its_range_is_one_line(trained, tmp_path, argv):
+    """Every number sample.py takes is checked against its meaningful range, and a flag the mode would ignore is
+    refused, before anything is sampled or written: one line naming the flag."""
+    _, ckpt = trained
+    with pytest.raises(SystemExit) as err:
+        run_sample("--ckpt", ckpt, "--steps", 2, "--out", tmp_path / "g.png", "--sample-dir", tmp_path / "s", *argv)
+    assert isinstance(err.value.code, str) and err.value.code.startswith(argv[0]), err.value.code
+    assert "\n" not in err.value.code and os.listdir(tmp_path) == []
+
+
+def test_class_to_image_default_is_the_official_euler_100(trained, tmp_path, monkeypatch):
+    """The official config and the paper's headline FIDs use Euler with 100 steps for class-to-image; 50 steps of
+    Adams-2 stay one flag away."""
+    seen = []
+    monkeypatch.setattr(sample, "sample", lambda fn, noise, steps, solver, shift: seen.append((steps, solver)) or noise)
+    run_sample("--ckpt", trained[1], "--out", tmp_path / "g.png")
+    run_sample("--ckpt", trained[1], "--steps", 50, "--solver", "adams2", "--out", tmp_path / "g.png")
+    assert seen == [(100, "euler"), (50, "adams2")]
+
+
+def test_official_class_to_image_checkpoint_needs_trained_at(trained, tmp_path, monkeypatch):
+    """The official 256 and 512 px class-to-image checkpoints look alike, and the wrong size samples on the wrong
+    token grid without an error: sample.py refuses one without --trained-at, saying both sizes."""
+    official = tmp_path / "official.ckpt"
+    torch.save({"state_dict": {"ema_denoiser.blocks.0.x": torch.zeros(1)}}, official)
+    monkeypatch.setattr(checkpoints, "convert_official", lambda sd: load_ckpt(trained[1])["ema"])
+    argv = ["--ckpt", official, "--model", "XS/16", "--steps", 2, "--out", tmp_path / "g.png"]
+    with pytest.raises(SystemExit, match=r"^--ckpt .*does not record the size .*--trained-at 256.*--trained-at 512"):
+        run_sample(*argv)
+    with pytest.raises(SystemExit, match=r"^--trained-at 40: not a multiple of the model's patch size 16"):
+        run_sample(*argv, "--trained-at", 40)
+    assert not (tmp_path / "g.png").exists()
+    run_sample(*argv, "--trained-at", 32)
+    assert png_size(tmp_path / "g.png") == grid_size(6, 6, 32)
+
+
+def test_nan_weights_are_refused_at_load(trained, tmp_path):
+    """A checkpoint whose weights hold NaN (a diverged run) would give black images in grid and 50K mode, and a FID
+    computed on them: it is refused when loaded, naming --ckpt; the online weights, finite here, still sample."""
+    ckpt = load_ckpt(trained[1])
+    ckpt["ema"]["head.blocks.0.generator.weight"][0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    for mode in (["--out", tmp_path / "g.png"], ["--num-samples", 2, "--sample-dir", tmp_path / "s"]):
+        with pytest.raises(SystemExit, match=r"^--ckpt .*nan\.pt: its EMA weights hold NaN or inf"):
+            run_sample("--ckpt", tmp_path / "nan.pt", "--steps", 2, *mode)
+    assert sorted(os.listdir(tmp_path)) == ["nan.pt"]
+    run_sample("--ckpt", tmp_path / "nan.pt", "--no-ema", "--steps", 2, "--out", tmp_path / "g.png")
+
+
+def test_non_finite_samples_stop_before_their_batch_is_written(trained, tmp_path):
+    """Finite weights whose network overflows give NaN samples: sample.py stops before writing that batch, in grid
+    and in 50K mode, and says what it was sampling with."""
+    ckpt = load_ckpt(trained[1])
+    ckpt["ema"]["head.out.weight"].fill_(3e38)  # finite, but the output layer overflows to inf and NaN
+    torch.save(ckpt, tmp_path / "over.pt")
+    for mode in (["--out", tmp_path / "g.png"], ["--num-samples", 4, "--batch-size", 2, "--sample-dir", tmp_path / "s"]):
+        with pytest.raises(SystemExit, match=r"^--ckpt .*over\.pt: its samples hold NaN or inf \(--cfg-scale 3\.5"):
+            run_sample("--ckpt", tmp_path / "over.pt", "--steps", 2, *mode)
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "s.npz").exists() and os.listdir(tmp_path / "s") == []
+
+
+def test_sample_dir_with_missing_parents_is_made(trained, tmp_path):
+    """--sample-dir a/new/sub: its parents are made before the settings file beside it is written."""
+    run_sample("--ckpt", trained[1], "--steps", 2, "--num-samples", 2, "--sample-dir", tmp_path / "a" / "new" / "sub")
+    assert sorted(os.listdir(tmp_path / "a" / "new")) == ["sub", "sub.json", "sub.npz"]
+    assert np.load(tmp_path / "a" / "new" / "sub.npz")["arr_0"].shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize("flag, where, match", [
+    ("--out", "file.txt/g.png", "file.txt is a file"),  # under a file
+    ("--out", "folder.png", "is a folder, not a file"),
+    ("--sample-dir", "file.txt/s", "file.txt is a file"),
+    ("--sample-dir", "file.txt", "is a file, not a folder"),
+    ("--sample-dir", "folder", "folder.npz: is a folder"),  # where the .npz goes
+    ("--out", "/sys/pixnerd-test/g.png", "cannot write in /sys"),  # a folder no one may write in, root included
+    ("--sample-dir", "/sys/pixnerd-test/s", "cannot write in /sys"),
+])
+def test_paths_that_cannot_be_written_are_one_line_before_sampling(trained, tmp_path, monkeypatch, flag, where, match):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "folder.npz").mkdir()
+    monkeypatch.setattr(sample, "sample", lambda *a, **k: pytest.fail("sampled before the path was checked"))
+    mode = ["--num-samples", 2] if flag == "--sample-dir" else []
+    with pytest.raises(SystemExit, match=rf"^{flag} .*{re.escape(match)}"):
+        run_sample("--ckpt", trained[1], "--steps", 2, flag, where if where.startswith("/") else tmp_path / where, *mode)
+    assert sorted(os.listdir(tmp_path)) == ["file.txt", "folder.npz", "folder.png"]
+
+
+def test_rerun_redoes_damaged_pngs(trained, tmp_path):
+    """A rerun of the 50K mode decodes each PNG it would reuse: one cut short, one emptied and one of another size
+    are sampled again (the same bytes, as each image depends on its index alone); the good ones are not touched."""
+    out = tmp_path / "s"
+    argv = ["--ckpt", trained[1], "--steps", 2, "--num-samples", 6, "--batch-size", 2, "--sample-dir", out]
+    run_sample(*argv)
+    full = np.load(tmp_path / "s.npz")["arr_0"]
+    names = [f"{i:06d}.png" for i in range(6)]
+    original = {n: (out / n).read_bytes() for n in names}
+    (out / names[1]).write_bytes(original[names[1]][:len(original[names[1]]) // 2])
+    (out / names[4]).write_bytes(b"")
+    Image.new("RGB", (16, 16)).save(out / names[5])
+    before = {n: os.stat(out / n).st_ino for n in names}
+    os.remove(tmp_path / "s.npz")
+    run_sample(*argv)
+    assert {n: (out / n).read_bytes() for n in names} == original
+    assert [n for n in names if os.stat(out / n).st_ino != before[n]] == [names[1], names[4], names[5]]
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["arr_0"], full)
+
+
+def test_npz_build_names_the_file_it_cannot_read(tmp_path):
+    """The .npz is streamed from the PNGs, one at a time; one it cannot read is named, and no .npz or temporary file
+    is left."""
+    for i in range(3):
+        Image.fromarray(_images(n=1, seed=i)[0]).save(tmp_path / f"{i:06d}.png")
+    checkpoints.write_npz(str(tmp_path / "s.npz"), [str(tmp_path / f"{i:06d}.png") for i in range(3)], (24, 20))
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["arr_0"][2], _images(n=1, seed=2)[0])
+    (tmp_path / "000001.png").write_bytes((tmp_path / "000001.png").read_bytes()[:100])
+    with pytest.raises(SystemExit, match=r"000001\.png: not a whole 20x24 RGB PNG"):
+        checkpoints.write_npz(str(tmp_path / "t.npz"), [str(tmp_path / f"{i:06d}.png") for i in range(3)], (24, 20))
+    assert sorted(os.listdir(tmp_path)) == [f"{i:06d}.png" for i in range(3)] + ["s.npz"]
+
+
+def test_50k_work_list_is_looked_at_batch_by_batch(trained, tmp_path, monkeypatch):
+    """A million samples start at once: the batches are looked at one at a time, as their turn comes, not all
+    before the first is sampled."""
+    looked = []
+    monkeypatch.setattr(sample, "read_png", lambda path, size: looked.append(path))
+
+    def first_batch(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "sample", first_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_sample("--ckpt", trained[1], "--steps", 2, "--num-samples", 1_000_000, "--batch-size", 1,
+                   "--sample-dir", tmp_path / "s")
+    assert looked == [str(tmp_path / "s" / "000000.png")]
+
+
+def test_text_to_image_prompt_and_cache_files_are_checked(tmp_path, monkeypatch):
+    """A text-to-image checkpoint: an empty prompt file, a prompt that is not text, a cache path under a file, and
+    the class-to-image flags are one line each, before the encoder runs or anything is written."""
+    import text_encoder
+    monkeypatch.setattr(text_encoder, "load_text_encoder", lambda path, max_length, **kw: make())
+    run_dir = run_train(tmp_path / "results", "--model", "T2I-XS/16", "--text-encoder", "tiny", "--text-cache",
+                        tmp_path / "captions.pt", "--text-len", L, "--global-batch-size", 2, "--max-steps", 1)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": 5}\n')
+    (tmp_path / "file.txt").write_text("x")
+    files = sorted(os.listdir(tmp_path))
+    for argv, match in ((["--prompts", tmp_path / "empty.txt"], "--prompts .*empty.txt: ValueError: holds no prompt"),
+                        (["--prompts", tmp_path / "bad.jsonl"], "--prompts .*bad.jsonl: .*a prompt that is not text"),
+                        (["--prompt", "a", "--text-cache", tmp_path / "file.txt" / "c.pt"], "--text-cache .*is a file"),
+                        (["--prompt", "a", "--class-labels", 1], "--class-labels: not used with a text-to-image"),
+                        (["--prompt", "a", "--num-samples", 4], "--num-samples: not used with a text-to-image")):
+        with pytest.raises(SystemExit, match="^" + match):
+            run_sample("--ckpt", os.path.join(run_dir, "ckpt-last.pt"), "--steps", 2, "--out", tmp_path / "g.png", *argv)
+    assert sorted(os.listdir(tmp_path)) == files
+
+
+def test_fid_refuses_images_of_other_sizes(tmp_path, monkeypatch):
+    """32 px samples against a 64 px reference gave a FID of 191 without a word: images of other sizes are refused
+    from their headers, before any feature is computed, and the statistics fid.py caches record the size."""
+    np.savez(tmp_path / "samples.npz", arr_0=_images(n=4))  # 20x24
+    (tmp_path / "ref").mkdir()
+    for i, im in enumerate(_images(n=4, seed=1)):
+        Image.fromarray(im).resize((40, 48)).save(tmp_path / "ref" / f"{i}.png")
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: _no_model())
+    with pytest.raises(SystemExit, match=r"samples\.npz: 20x24 images, but .*ref holds 40x48: FID compares"):
+        fid.main([str(tmp_path / "samples.npz"), str(tmp_path / "ref"), "--device", "cpu"])
+    fid.load_stats(str(tmp_path / "samples.npz"), lambda: TinyNet())  # writes samples.stats.npz
+    with pytest.raises(SystemExit, match=r"samples\.stats\.npz: 20x24 images, but .*ref holds 40x48"):
+        fid.main([str(tmp_path / "samples.stats.npz"), str(tmp_path / "ref"), "--device", "cpu"])
+
+
+def test_fid_statistics_files_are_checked_naming_the_file(tmp_path, monkeypatch):
+    """A statistics file missing sigma (or mu), with NaN, a covariance of the wrong shape, an object array, or
+    statistics of another feature size than the other input's: one line naming the file, not a KeyError, a
+    FID of NaN or an assertion."""
+    good = dict(mu=np.zeros(6), sigma=np.eye(6))
+    cases = {"no_sigma": dict(mu=np.zeros(6)), "no_mu": dict(sigma=np.eye(6)),
+             "no_sigma_s": dict(good, mu_s=np.zeros(3)), "nan": dict(good, sigma=np.full((6, 6), np.nan)),
+             "shape": dict(good, sigma=np.eye(5)), "objects": dict(good, extra=np.array([{}], dtype=object)),
+             "ref_no_sigma": dict(arr_0=_images(n=4), mu=np.zeros(6))}
+    matches = {"no_sigma": "has mu but no sigma", "no_mu": "has sigma but no mu", "no_sigma_s": "has mu_s but no",
+               "nan": "sigma holds NaN", "shape": r"mu \(6,\) and sigma \(5, 5\) are not", "objects": "not a readable",
+               "ref_no_sigma": "has mu but no sigma"}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(SystemExit, match=rf"^{re.escape(str(tmp_path / name))}\.npz: {matches[name]}"):
+            fid.load_stats(str(tmp_path / f"{name}.npz"), _no_model)
+    np.savez(tmp_path / "six.npz", **good)
+    np.savez(tmp_path / "five.npz", mu=np.zeros(5), sigma=np.eye(5))
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: _no_model())
+    with pytest.raises(SystemExit, match=r"six\.npz: mu of 6 features, but .*five\.npz of 5"):
+        fid.main([str(tmp_path / "six.npz"), str(tmp_path / "five.npz"), "--device", "cpu"])
+
+
+def test_fid_flags_weights_and_damaged_npz_are_one_line(tmp_path, random_inception):
+    """--device and --batch-size out of range, Inception weights that are a folder, cut short, of other shapes or
+    NaN, and an npz whose arr_0 fails its checksum: one line each, naming the flag or the file."""
+    np.savez(tmp_path / "a.npz", arr_0=_images(n=4))
+    for argv, match in ((["--device", "gpu"], "--device gpu: not a device"), (["--device", "cuda:99"], "--device cuda:99"),
+                        (["--batch-size", 10**9], "--batch-size 1000000000: a batch needs at least")):
+        with pytest.raises(SystemExit, match="^" + match):
+            fid.main([str(tmp_path / "a.npz")] * 2 + [str(a) for a in argv])
+    torch.save(random_inception.state_dict(), tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "shapes.pth")
+    torch.save({k: v.float() * float("nan") if k == "fc.weight" else v for k, v in random_inception.state_dict().items()},
+               tmp_path / "nan.pth")
+    for name in ("cut.pth", "shapes.pth", "nan.pth"):
+        with pytest.raises(SystemExit, match=rf"^--inception .*{re.escape(name)}: not"):
+            fid.load_inception(str(tmp_path / name))
+    with pytest.raises(SystemExit, match=r"^--inception .*: a folder, not a file"):
+        fid.load_inception(str(tmp_path))
+    raw = bytearray((tmp_path / "a.npz").read_bytes())
+    raw[raw.index(b"NUMPY") + 200] ^= 0xFF  # one pixel of arr_0: the zip member's CRC no longer matches
+    (tmp_path / "crc.npz").write_bytes(bytes(raw))
+    with pytest.raises(SystemExit, match=r"crc\.npz: .*(cannot be read whole|not a readable)"):
+        fid.load_stats(str(tmp_path / "crc.npz"), lambda: TinyNet())
+
 
 # (end of the sample.py and fid.py robustness tests)

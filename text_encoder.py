@@ -16,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from checkpoints import save_checkpoint
+from checkpoints import check_writable, save_checkpoint
 
 
 class TextEncoder:
@@ -73,12 +73,12 @@ class _LastHidden(torch.nn.Module):
         return self.hf(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def load_text_encoder(path, max_length=128, embed_dim=None, device="cpu", dtype=torch.float32):
+def load_text_encoder(path, max_length=128, embed_dim=None, device="cpu", dtype=torch.bfloat16):
     """A TextEncoder from a local HF model directory (Qwen3, BERT, ...) or a local .gguf file.
 
     AutoModel builds the base model, so a causal LM's hidden states come out after its final norm
-    and before the LM head, as Qwen3Model's do officially. It runs in fp32 by default, where the
-    official Qwen3 runs in bf16: the features differ by bf16 rounding, once, as they are cached.
+    and before the LM head, as Qwen3Model's do officially. It runs in bf16 by default, as the
+    official Qwen3 does; fp32 gives features without bf16 rounding (train.py --text-encoder-dtype).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"--text-encoder {path!r} does not exist: pass a local Hugging Face "
@@ -107,30 +107,42 @@ def load_text_encoder(path, max_length=128, embed_dim=None, device="cpu", dtype=
     return TextEncoder(tokenize, _LastHidden(hf), max_length, embed_dim, device, dtype)
 
 
-def caption_features(captions, encoder=None, max_length=128, cache=None, device="cpu", batch_size=256):
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the encoder's precision, by its flag's name
+
+
+def caption_features(captions, encoder=None, max_length=128, cache=None, device="cpu", batch_size=256, dtype=None):
     """Features of every caption, and of "" in the last row: fp16 (N+1, L, d) and mask (N+1, L)
     on the CPU. The encoder is frozen, so they are computed once: with `cache` (a .pt file) only
     the captions it lacks are encoded, and added to it. So sampling new prompts with the training
-    run's cache keeps the training captions' rows, which a resumed run needs."""
+    run's cache keeps the training captions' rows, which a resumed run needs. dtype ("bf16", the
+    official, or "fp32"): the encoder's precision; the cache records it, and None takes the cache's."""
     want = list(captions) + [""]
-    saved = {"captions": [], "encoder": encoder}
+    saved = {"captions": [], "encoder": encoder, "dtype": dtype or "bf16"}
     if cache and os.path.exists(cache):
         try:
-            saved = torch.load(cache, weights_only=True)
+            saved = {"dtype": "fp32", **torch.load(cache, weights_only=True)}  # caches without a dtype: fp32's
             length, dim = saved["features"].shape[1:]
+            finite = bool(torch.isfinite(saved["features"]).all())
         except Exception as e:  # a truncated file, another kind of .pt
             raise SystemExit(f"--text-cache {cache}: not a caption feature cache ({type(e).__name__}: {e})")
         if length != max_length:
             raise SystemExit(f"--text-cache {cache}: holds features of {length} tokens, not {max_length}: "
                              "pass another --text-cache")
+        if not finite:
+            raise SystemExit(f"--text-cache {cache}: holds features that are NaN or inf: pass another --text-cache")
+        if dtype and dtype != saved["dtype"]:
+            raise SystemExit(f"--text-cache {cache}: holds features encoded in {saved['dtype']}, not "
+                             f"--text-encoder-dtype {dtype}: pass that, or another --text-cache")
     have = set(saved["captions"])
     new = [s for s in dict.fromkeys(want) if s not in have]
     if new:
         if encoder is None:
             raise SystemExit(f"no text features for these {len(new)} captions in --text-cache {cache}: "
                              "give --text-encoder PATH to compute them")
+        if cache:  # before the encoding, which may take long
+            check_writable("--text-cache", cache)
         try:
-            enc = load_text_encoder(encoder, max_length, device=device)
+            enc = load_text_encoder(encoder, max_length, device=device, dtype=DTYPES[saved["dtype"]])
             feats, masks = zip(*(enc.encode(new[i: i + batch_size]) for i in range(0, len(new), batch_size)))
         except (FileNotFoundError, ImportError) as e:  # their messages name the flag or the package
             raise SystemExit(str(e))
@@ -147,8 +159,10 @@ def caption_features(captions, encoder=None, max_length=128, cache=None, device=
                                  "(the empty prompt's features differ): pass another --text-cache")
             feats, masks = torch.cat([saved["features"], feats]), torch.cat([saved["mask"], masks])
         saved = {**saved, "captions": saved["captions"] + new, "features": feats, "mask": masks}
+        if not torch.isfinite(feats).all():  # an encoder that overflows fp16, or a broken one
+            raise SystemExit(f"--text-encoder {encoder}: gives features that are NaN or inf (beyond fp16's range?)")
         if cache:  # write_atomic's temporary name is this process's own: all ranks of a run may write at once
-            save_checkpoint(saved, cache)
+            save_checkpoint(saved, cache, f"--text-cache {cache}")
     index = {s: i for i, s in enumerate(saved["captions"])}
     rows = torch.tensor([index[s] for s in want])
     return saved["features"][rows], saved["mask"][rows]

@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 import fast
 import flow
-from checkpoints import (init_weights, load_weights, new_run_dir, newest_run, read_weights, rewind_run, save_checkpoint,
-                         save_grid, setup_distributed)
+from checkpoints import (append_metrics, check_memory, check_writable, init_weights, load_weights, newest_run,
+                         open_run, read_weights, restore, resume_checkpoint, save_checkpoint, save_grid,
+                         setup_distributed, weights_fault, write_text)
 from datasets import ResumableSampler, training_data
 from model import MODELS
 from samplers import guided, sample
@@ -41,8 +42,8 @@ from text_encoder import caption_features
 
 # The defaults, flag: (the paper's recipe, taken with --data-path; the quick run on the built-in
 # shapes, which gives a recognisable EMA grid in about 10 minutes on a 2-core CPU). Text-to-image
-# (--text-encoder or --text-cache) changes three of them as the official configs_t2i do: --beta2
-# 0.95, --grad-clip 1.0 and --t-shift image size / 128 (2 at 256 px, 4 at 512 px).
+# (--text-encoder or --text-cache) follows configs_t2i: --lr 2e-4 up to 256 px, 1e-4 above, --beta2
+# 0.95, --grad-clip 1.0, --t-shift size / 128, no text mask (the official model sees none), bf16 encoder.
 DEFAULTS = {
     "model": ("XL/16", "XL/16"),
     "head": ("nerf", "nerf"),
@@ -59,7 +60,8 @@ DEFAULTS = {
     "p_uncond": (0.1, 0.1),
     "t_shift": (1.0, 1.0),
     "text_len": (128, 128),
-    "text_mask": (True, True),
+    "text_mask": (False, False),
+    "text_encoder_dtype": ("bf16", "bf16"),
     "repa_weight": (0.5, 0.5),
     "log_every": (100, 50),
     "ckpt_every": (5_000, 300),
@@ -75,6 +77,14 @@ DEFAULTS = {
 }
 RESUME_MAY_CHANGE = ("max_steps", "log_every", "ckpt_every", "milestone_every", "sample_every",
                      "num_workers", "fast", "compile", "cuda_graphs", "results_dir")
+# Each numeric flag's meaningful range, as its error says it: "[" and "]" take the bound, "(" and ")"
+# do not, and inf is never taken, so out of range, inf and NaN alike stop before anything is made.
+RANGES = {"image_size": "[1, inf)", "patch_size": "[1, inf)", "nerf_width": "[1, inf)", "nerf_depth": "[0, inf)",
+          "global_batch_size": "[1, inf)", "grad_accum": "[1, inf)", "max_steps": "[1, inf)", "lr": "(0, inf)",
+          "beta2": "[0, 1)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "ema_decay": "[0, 1]",
+          "p_uncond": "[0, 1]", "t_shift": "(0, inf)", "text_len": "[1, inf)", "repa_weight": "[0, inf)",
+          "log_every": "[1, inf)", "ckpt_every": "[1, inf)", "milestone_every": "[0, inf)", "sample_every": "[1, inf)",
+          "sample_steps": "[1, inf)", "sample_cfg": "(-inf, inf)", "seed": "[0, 4294967295]", "num_workers": "[0, inf)"}
 
 
 def get_parser():
@@ -103,16 +113,17 @@ def get_parser():
     p.add_argument("--lr", type=float)
     p.add_argument("--beta2", type=float, help="t2i: 0.95")
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--grad-clip", type=float, help="clip the gradients' total norm to this (t2i: 1.0)")
+    p.add_argument("--grad-clip", type=float, help="clip the gradients' total norm to this (0: off; t2i: 1.0)")
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--p-uncond", type=float, help="label dropout for CFG")
     p.add_argument("--t-shift", type=float, help="time shift of the lognorm t (t2i: image size / 128)")
     p.add_argument("--text-encoder",
                    help="text-to-image: a local HF model directory or .gguf file; data = images with .txt captions")
     p.add_argument("--text-cache", help="a .pt file of precomputed caption features (read or written)")
+    p.add_argument("--text-encoder-dtype", choices=["bf16", "fp32"], help="the text encoder's precision")
     p.add_argument("--text-len", type=int, help="text tokens (padded or truncated)")
     p.add_argument("--text-mask", action=argparse.BooleanOptionalAction,
-                   help="pass the text padding mask to attention (--no-text-mask: the official behaviour)")
+                   help="pass the text padding mask to attention (off: the official behaviour)")
     p.add_argument("--repa-encoder", help="local DINOv2 ViT-B/14 checkpoint (dinov2_vitb14_pretrain.pth)")
     p.add_argument("--repa-weight", type=float)
     p.add_argument("--log-every", type=int)
@@ -145,28 +156,25 @@ def resolve_args(args, world):
     given, ckpt = vars(args), None
     if "resume" in given:
         run_dir = newest_run(args.results_dir, with_checkpoint=True) if args.resume == "auto" else args.resume
-        path = run_dir and os.path.join(run_dir, "ckpt-last.pt")
-        if not path or not os.path.exists(path):
-            raise SystemExit(f"--resume: no checkpoint found ({path or 'no run folder in ' + args.results_dir})")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = resume_checkpoint(run_dir, args.results_dir)  # its ckpt-last.pt, or a milestone
         conflicts = [f"--{k.replace('_', '-')} {given[k]}: the run has {v}" for k, v in ckpt["args"].items()
                      if k in given and given[k] != v and k not in RESUME_MAY_CHANGE + ("resume",)]
         if conflicts:
             raise SystemExit("; ".join(conflicts) + f" (--resume {run_dir} keeps the run's settings; only --" +
                              ", --".join(k.replace("_", "-") for k in RESUME_MAY_CHANGE) + " may change)")
         given["resume"] = run_dir
-    settings = {**dict.fromkeys(a.dest for a in get_parser()._actions if a.dest != "help"),
-                **(ckpt["args"] if ckpt else {}), **given}
+    settings = {**dict.fromkeys(a.dest for a in get_parser()._actions if a.dest != "help"),  # runs older than
+                **({"text_encoder_dtype": "fp32", **ckpt["args"]} if ckpt else {}), **given}  # the flag: fp32
     defaults = {k: v[0] if settings["data_path"] else v[1] for k, v in DEFAULTS.items()}
     if settings["text_encoder"] or settings["text_cache"]:  # official configs_t2i/pretraining_res{256,512}.yaml
         size = settings["image_size"] or defaults["image_size"]
-        defaults.update(beta2=0.95, grad_clip=1.0, t_shift=size / 128)
+        defaults.update(lr=2e-4 if size <= 256 else 1e-4, beta2=0.95, grad_clip=1.0, t_shift=size / 128)
     args = argparse.Namespace(**{k: defaults.get(k) if v is None else v for k, v in settings.items()})
-    for k, low in (("global_batch_size", 1), ("grad_accum", 1), ("log_every", 1), ("ckpt_every", 1),
-                   ("sample_every", 1), ("sample_steps", 1), ("text_len", 1), ("max_steps", 0),
-                   ("milestone_every", 0), ("num_workers", 0)):
-        if getattr(args, k) < low:
-            raise SystemExit(f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least {low}")
+    for k, interval in RANGES.items():
+        v, (low, high) = getattr(args, k), map(float, interval[1:-1].split(","))
+        if v is not None and not ((low < v or interval[0] == "[" and v == low) and
+                                  (v < high or interval[-1] == "]" and v == high)):
+            raise SystemExit(f"--{k.replace('_', '-')} {v}: must be in {interval}")
     if args.global_batch_size % (world * args.grad_accum):
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by "
                          f"{world} processes x --grad-accum {args.grad_accum}")
@@ -206,7 +214,7 @@ def main(args):
     local_batch = args.global_batch_size // (world * args.grad_accum)
     torch.manual_seed(args.seed * world + rank)
 
-    # ---- data, captions, model and weight files: every error before a run folder
+    # ---- data, captions, model, optimizer and weight files: every error before a run folder
     size = args.image_size
     t2i = bool(args.text_encoder or args.text_cache)
     with torch.device("meta"):
@@ -215,12 +223,16 @@ def main(args):
         raise SystemExit(f"--model {args.model} is a " + ("text-to-image model: give --text-encoder PATH"
                          if not t2i else "class-conditional model: use a T2I model with --text-encoder"))
     patch = args.patch_size or arch.patch_size
-    if size < 1 or size % patch:
-        raise SystemExit(f"--image-size {size}: must be a positive multiple of the patch size {patch}")
-    dataset = training_data(args.data_path, size, t2i, args.cache, args.hflip, args.num_workers, rank)
+    if size % patch:
+        raise SystemExit(f"--image-size {size}: must be a positive multiple of the patch size, {patch} (--patch-size)")
+    check_memory(f"--image-size {size}: {local_batch} images a step and the sample grid's 32 in fp32",
+                 (local_batch + 32) * 12 * size ** 2, device)  # a lower bound: what it shows cannot run
+    check_writable("--resume" if args.resume else "--results-dir", args.resume or args.results_dir, folder=True)
+    dataset = training_data(args.data_path, size, t2i, args.cache, args.hflip, args.num_workers, rank, world)
     num_classes = len(dataset.classes)
     if t2i:  # (captions + 1, L, d): the last row is ""
-        feats, masks = caption_features(dataset.classes, args.text_encoder, args.text_len, args.text_cache, device)
+        feats, masks = caption_features(dataset.classes, args.text_encoder, args.text_len, args.text_cache, device,
+                                        dtype=args.text_encoder_dtype)
 
     config = ckpt["model_config"] if ckpt else model_config(args, num_classes, t2i and feats.shape[-1])
     model = MODELS[config["name"]](**config["kwargs"])
@@ -234,16 +246,25 @@ def main(args):
         from dinov2 import load_dinov2, repa_target
         encoder = read_weights("--repa-encoder", args.repa_encoder, load_dinov2).to(device)
         projector = flow.REPAProjector(model.patch_embed.out_features).to(device)
+    model.to(device)
+    if ddp:  # every rank starts from rank 0's weights (DDP would sync only the fast layer's bf16 copies)
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
+    ema = deepcopy(model).requires_grad_(False)  # fp32, updated every step
+    objective = Objective(model, projector)  # AdamW's parameters: the fp32 weights and the projector
+    params = list(objective.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay, fused=cuda)
+    step = restore(ckpt, model, ema, projector, opt) if ckpt else 0
 
-    run_dir = args.resume or (new_run_dir(args.results_dir, args.model) if rank == 0 else None)
-    if ddp and not args.resume:
-        box = [run_dir]
-        dist.broadcast_object_list(box)
-        run_dir = box[0]
+    run_dir, lock = open_run(args.results_dir, args.model, ckpt and (args.resume, ckpt["file"], step), rank)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(message)s",
                         force=True, handlers=[logging.StreamHandler(sys.stdout)] +
                         ([logging.FileHandler(os.path.join(run_dir, "log.txt"))] if rank == 0 else []))
     log = logging.getLogger("train")
+    if ckpt:
+        log.info(f"resumed {run_dir} at step {step} from {os.path.basename(ckpt['file'])}")
+    log.info(f"REPA on: DINOv2 from {args.repa_encoder}, block {model.align_layer}, weight {args.repa_weight}"
+             if args.repa_encoder else "REPA off (no --repa-encoder given): training with the flow-matching loss alone")
 
     def condition(y):
         """Labels on the device, or the (features, mask) of caption indices y (-1: the empty prompt)."""
@@ -253,32 +274,12 @@ def main(args):
         return (f, masks[y].to(device, non_blocking=True)) if args.text_mask else f
 
     null = condition(torch.tensor([-1])) if t2i else num_classes
+    last_good = (ckpt["file"], step) if ckpt else None
 
-    # ---- model, EMA, REPA, optimizer on the device
-    model.to(device)
-    if ddp:  # every rank starts from rank 0's weights (DDP would sync only the fast layer's bf16 copies)
-        for t in model.state_dict().values():
-            dist.broadcast(t, 0)
-    ema = deepcopy(model).requires_grad_(False)  # fp32, updated every step
-    log.info(f"REPA on: DINOv2 from {args.repa_encoder}, block {model.align_layer}, weight {args.repa_weight}"
-             if args.repa_encoder else "REPA off (no --repa-encoder given): training with the flow-matching loss alone")
-    objective = Objective(model, projector)  # AdamW's parameters: the fp32 weights and the projector
-    params = list(objective.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay, fused=cuda)
-    step = 0
-    if ckpt:
-        try:
-            load_weights(model, ckpt["model"])
-        except ValueError as e:
-            raise SystemExit(f"--resume: {e}")
-        ema.load_state_dict(ckpt["ema"])
-        if projector is not None:
-            projector.load_state_dict(ckpt["projector"])
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        if rank == 0:
-            rewind_run(run_dir, step)
-        log.info(f"resumed {run_dir} at step {step}")
+    def stop(why):  # on every rank, naming the checkpoint left as it was; in log.txt too
+        log.error(msg := f"step {step}: {why}; stopping. " + (f"The last good checkpoint, {last_good[0]} (step "
+                  f"{last_good[1]}), is intact." if last_good else "This run has saved no checkpoint yet."))
+        raise SystemExit(msg)
 
     def plain_step():
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
@@ -291,7 +292,7 @@ def main(args):
     if fast_on:  # bf16 compute copies, fused kernels, regional compile, CUDA graphs, AdamW + EMA kernel
         net, opt_step, comm_hook = fast.for_training(
             model, ema, opt, ema_decay=args.ema_decay, grad_clip=args.grad_clip, compile=args.compile,
-            cuda_graphs=args.cuda_graphs, bf16_copies=args.grad_accum == 1, log=log.info)
+            cuda_graphs=args.cuda_graphs, bf16_copies=args.grad_accum == 1, encoder=encoder, log=log.info)
     else:
         net, opt_step, comm_hook = model, plain_step, None
     graphs = fast_on and args.compile and args.cuda_graphs
@@ -303,8 +304,7 @@ def main(args):
     n_params = sum(p.numel() for p in model.parameters())
     flops = fast.count_flops(config, size)
     if rank == 0:
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        write_text(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
     log.info(f"{config['name']} {config['kwargs']}: {n_params:,} parameters, {flops / 1e9:.1f} GFLOPs/image; "
              f"{len(dataset):,} images of {num_classes} classes at {size}px; run folder {run_dir}")
 
@@ -332,7 +332,7 @@ def main(args):
     bad_total = ckpt.get("skipped_images", 0) if ckpt else 0  # unreadable images, the whole run
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     while step < args.max_steps:
-        gen.manual_seed((args.seed * world + rank) * 1_000_000_007 + step)
+        gen.manual_seed(((args.seed * world + rank) * 1_000_000_007 + step) % 2 ** 64)
         for micro in range(args.grad_accum):
             x, y, bad = next(batches)
             bad_total += int(bad.sum())
@@ -356,36 +356,39 @@ def main(args):
         step, n_steps, seen = step + 1, n_steps + 1, seen + args.global_batch_size
         bar.update(1)
 
-        if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps:  # checked before a save
+        ckpt_step = step % args.ckpt_every == 0 or step == args.max_steps
+        if step % args.log_every == 0 or ckpt_step:  # checked before a save
             row = {k: v.item() / n_steps for k, v in stats.items()}
             if ddp:
                 vals = torch.tensor(list(row.values()), device=device)
                 dist.all_reduce(vals)
                 row = dict(zip(row, (vals / world).tolist()))
             if not all(math.isfinite(v) for v in row.values()):
-                raise SystemExit(f"step {step}: loss or gradient is not finite ({row}); stopping. "
-                                 f"The last checkpoint in {run_dir} is intact.")
+                stop(f"loss or gradient is not finite ({row})")
             dt = time.time() - t_log
             row.update(step=step, lr=args.lr, img_per_s=seen / dt, skipped_images=bad_total)
             if cuda:
                 row["mfu"] = 3 * flops * seen / dt / (fast.peak_flops(device) * world)
                 row["peak_mem_gib"] = fast.peak_gib(device, graphs)
             if rank == 0:
-                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_metrics(run_dir, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
                 log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
             stats, t_log, seen, n_steps = {}, time.time(), 0, 0
+        if ckpt_step and (fault := weights_fault(model, ema, x, y, args.t_shift, step)):  # every rank's verdict
+            stop(fault)
 
         if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
             with autocast:
                 fn = guided(ema, grid_y, grid_null, args.sample_cfg, (0.1, 1.0))
                 imgs = sample(fn, grid_noise, args.sample_steps, "euler")
             save_grid(imgs.float(), os.path.join(run_dir, f"samples-{step:07d}.png"), nrow=4)
-        if rank == 0 and (step % args.ckpt_every == 0 or step == args.max_steps):
-            save("ckpt-last.pt")
-            if args.milestone_every and step % args.milestone_every == 0:
-                save(f"ckpt-{step:07d}.pt")
+        if ckpt_step:
+            if rank == 0:
+                save("ckpt-last.pt")
+                if args.milestone_every and step % args.milestone_every == 0:
+                    save(f"ckpt-{step:07d}.pt")
+            last_good = (os.path.join(run_dir, "ckpt-last.pt"), step)
     bar.close()
     log.info(f"done: {step} steps in {run_dir}")
     if ddp:
