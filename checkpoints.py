@@ -534,3 +534,12 @@ def write_npz(path, files, size):
                     raise SystemExit(f"{file}: not a whole {size[1]}x{size[0]} RGB PNG: run sample.py again to redo it")
                 f.write(img.tobytes())
     write_atomic(path, write)
+
+
+def model_config(args, num_classes, text_dim=None):
+    """The model's name and constructor arguments, as checkpoints keep them."""
+    kwargs = dict(head=args.head, **(dict(text_dim=text_dim, text_len=args.text_len) if text_dim else
+                                     dict(num_classes=num_classes)))
+    kwargs.update({k: getattr(args, k) for k in ("encoding", "nerf_norm", "nerf_width", "nerf_depth", "patch_size")
+                   if getattr(args, k) is not None})
+    return {"name": args.model, "kwargs": kwargs}

@@ -564,6 +564,53 @@ def evaluate(samples, ref, device="cpu"):
     return out
 
 
+class OnlineFID:
+    """FID of a training run's samples against reference statistics, every few steps (train.py --fid-every).
+
+    n class-balanced samples (labels i * classes // n), with the same noise at every evaluation (image
+    i's from seed i), so that the curve moves with the model alone; whole batches dealt to the
+    processes, their pool3 activations gathered to every rank. The reference is what fid.py takes: a
+    folder or npz of images (its statistics computed once and cached beside it) or an npz of mu, sigma.
+    Missing Inception weights or reference are one line, raised when it is made (before a run folder)."""
+
+    def __init__(self, ref, n, num_classes, size, batch_size, device, inception=None, rank=0, world=1):
+        self.weights = find_weights(inception)
+        if self.weights is None or not os.path.isfile(self.weights):
+            raise SystemExit(f"--fid-inception {inception}: " + (
+                "no such file" if inception else MISSING_WEIGHTS.replace("--inception", "--fid-inception")))
+        self.get_model = functools.cache(lambda: load_inception(self.weights, device))
+        self.get_model()  # the weights' errors now
+        if ref is None or not os.path.exists(ref):
+            raise SystemExit(f"--fid-ref {ref}: no such file or folder (reference images, or fid.py's statistics)")
+        self.ref = load_stats(ref, self.get_model, batch_size, device, self.weights)
+        ref_size = self.ref.get("image_size")
+        if ref_size is not None and tuple(map(int, ref_size)) not in ((0, 0), (size, size)):
+            raise SystemExit(f"--fid-ref {ref}: images of {tuple(map(int, ref_size))} px, not the run's {size} px")
+        self.n, self.size, self.batch_size, self.device = n, size, batch_size, device
+        self.rank, self.world = rank, world
+        self.labels = torch.arange(n) * num_classes // n
+
+    @torch.no_grad()
+    def __call__(self, generate):
+        """generate(labels (B,) on the CPU, noise (B, 3, S, S) on the device) -> images in [-1, 1]. -> the FID."""
+        from checkpoints import to_uint8
+        acts, tf32 = [], torch.backends.cudnn.allow_tf32
+        for b in range(self.rank, -(-self.n // self.batch_size), self.world):
+            idx = range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size))
+            noise = torch.stack([torch.randn(3, self.size, self.size, generator=torch.Generator().manual_seed(i))
+                                 for i in idx]).to(self.device)
+            images = to_uint8(generate(self.labels[list(idx)], noise))
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # as fid.py
+            acts.append(self.get_model()(preprocess(images.to(self.device)))[0].float().cpu().numpy())
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        if self.world > 1:
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, acts)
+            acts = [a for part in gathered for a in part]
+        acts = np.concatenate(acts)
+        return float(frechet_distance(acts.mean(0), np.cov(acts, rowvar=False), self.ref["mu"], self.ref["sigma"]))
+
+
 def check_args(args):
     """--device and --batch-size, before anything is read: one line naming the flag."""
     try:

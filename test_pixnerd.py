@@ -2650,6 +2650,32 @@ def test_runs_started_at_once_get_their_own_folders(tmp_path, monkeypatch):
                         lambda results_dir: calls.append(1) or (real(results_dir) if len(calls) > 1 else None))
     assert checkpoints.new_run_dir(str(tmp_path), "XS/16") == str(tmp_path / "001-XS-16")
 
+def test_online_fid_every_n_steps_is_kept_across_a_resume(tmp_path, monkeypatch):
+    """train.py --fid-every: FID rows in metrics.jsonl at the steps asked; each evaluation samples the
+    same labels and noise, so a run resumed from step 2 logs the uninterrupted run's FIDs bitwise.
+    A missing reference or missing Inception weights are one line before a run folder."""
+    ref = tmp_path / "ref.npz"
+    shapes = datasets.Shapes(32)
+    np.savez(ref, arr_0=np.stack([shapes[i][0].permute(1, 2, 0).numpy() for i in range(12)]))
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: ChannelStats())
+    inception = tmp_path / "inception.pth"
+    inception.write_bytes(b"weights")  # found, then loaded by the stand-in above
+    flags = ["--fid-every", 2, "--fid-ref", ref, "--fid-samples", 6, "--fid-inception", inception, "--log-every", 2]
+    rows = [r for r in metrics(run_train(tmp_path / "a", "--max-steps", 4, *flags)) if "fid" in r]
+    assert [(r["step"], r["fid_samples"]) for r in rows] == [(2, 6), (4, 6)]
+    assert all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in rows) and rows[0]["fid"] != rows[1]["fid"]
+    run_train(tmp_path / "b", "--max-steps", 2, "--ckpt-every", 2, *flags)
+    resumed = run_train(tmp_path / "b", "--resume", "--max-steps", 4)
+    assert [r for r in metrics(resumed) if "fid" in r] == rows
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path / "c", "--fid-every", 2, "--fid-ref", tmp_path / "none.npz", "--fid-inception", inception)
+    assert err.value.code.startswith("--fid-ref") and no_run_folder(tmp_path / "c")
+    monkeypatch.setattr(fid, "default_weight_paths", lambda: [])
+    with pytest.raises(SystemExit) as err:
+        run_train(tmp_path / "c", "--fid-every", 2, "--fid-ref", ref)
+    assert "--fid-inception" in err.value.code and no_run_folder(tmp_path / "c")
+
+
 # (end of the train.py robustness tests)
 
 

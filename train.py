@@ -4,10 +4,9 @@
     python train.py --model S/16 --max-steps 1500 --global-batch-size 32   # built-in toy data, CPU
 
 The defaults (DEFAULTS below; --help shows them) are the official recipe for real data (official
-configs_c2i/pix256std1_repa_pixnerd_xl.yaml; paper Sec. 4, "Training Details"): AdamW lr 1e-4, no
-weight decay, global batch 256, EMA 0.9999, lognorm t, label dropout 0.1, REPA at block 8 with
-weight 0.5 when a DINOv2 checkpoint is given, bf16 autocast on CUDA. Without --data-path it trains
-on a small procedural dataset so every path runs on any machine.
+configs_c2i/pix256std1_repa_pixnerd_xl.yaml; paper Sec. 4): AdamW lr 1e-4, batch 256, EMA 0.9999,
+lognorm t, label dropout 0.1, REPA at block 8 with weight 0.5 when a DINOv2 file is given, bf16
+autocast on CUDA. Without --data-path it trains on built-in shapes, so every path runs anywhere.
 
 Every random draw of a training step comes from a generator seeded by (seed, rank, step) and the
 data order is a pure function of (seed, epoch), so the step counter *is* the random state:
@@ -32,8 +31,8 @@ from tqdm import tqdm
 
 import fast
 import flow
-from checkpoints import (append_metrics, check_memory, check_writable, init_weights, load_weights, newest_run,
-                         open_run, read_weights, restore, resume_checkpoint, save_checkpoint, save_grid,
+from checkpoints import (append_metrics, check_memory, check_writable, init_weights, load_weights, model_config,
+                         newest_run, open_run, read_weights, restore, resume_checkpoint, save_checkpoint, save_grid,
                          setup_distributed, weights_fault, write_text)
 from datasets import ResumableSampler, training_data
 from model import MODELS
@@ -69,13 +68,16 @@ DEFAULTS = {
     "sample_every": (10_000, 300),
     "sample_steps": (50, 50),
     "sample_cfg": (3.5, 3.5),
+    "fid_every": (0, 0),
+    "fid_samples": (5_000, 5_000),
     "seed": (0, 0),
     "num_workers": (8, 1),
     "fast": (True, True),
     "compile": (True, True),
     "cuda_graphs": (False, False),
 }
-RESUME_MAY_CHANGE = ("max_steps", "log_every", "ckpt_every", "milestone_every", "sample_every",
+RESUME_MAY_CHANGE = ("max_steps", "log_every", "ckpt_every", "milestone_every", "sample_every", "fid_every",
+                     "fid_ref", "fid_samples", "fid_inception",
                      "num_workers", "fast", "compile", "cuda_graphs", "results_dir")
 # Each numeric flag's meaningful range, as its error says it: "[" and "]" take the bound, "(" and ")"
 # do not, and inf is never taken, so out of range, inf and NaN alike stop before anything is made.
@@ -84,7 +86,8 @@ RANGES = {"image_size": "[1, inf)", "patch_size": "[1, inf)", "nerf_width": "[1,
           "beta2": "[0, 1)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "ema_decay": "[0, 1]",
           "p_uncond": "[0, 1]", "t_shift": "(0, inf)", "text_len": "[1, inf)", "repa_weight": "[0, inf)",
           "log_every": "[1, inf)", "ckpt_every": "[1, inf)", "milestone_every": "[0, inf)", "sample_every": "[1, inf)",
-          "sample_steps": "[1, inf)", "sample_cfg": "(-inf, inf)", "seed": "[0, 4294967295]", "num_workers": "[0, inf)"}
+          "sample_steps": "[1, inf)", "sample_cfg": "(-inf, inf)", "fid_every": "[0, inf)", "fid_samples": "[2, 1e6]",
+          "seed": "[0, 4294967295]", "num_workers": "[0, inf)"}
 
 
 def get_parser():
@@ -93,11 +96,10 @@ def get_parser():
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--model", choices=list(MODELS))
     p.add_argument("--head", choices=["nerf", "linear"], help="linear: the paper's Baseline")
-    p.add_argument("--encoding", choices=["dct", "dct2", "sincos", "cos"], help="default: the model's")
-    p.add_argument("--nerf-norm", choices=["fc1", "fc1_fc2", "fc1_fc2_out"], help="default: the model's")
-    p.add_argument("--nerf-width", type=int, help="default: the model's")
-    p.add_argument("--nerf-depth", type=int, help="default: the model's")
-    p.add_argument("--patch-size", type=int, help="default: the model's")
+    for flag, kw in (("--encoding", dict(choices=["dct", "dct2", "sincos", "cos"])), ("--patch-size", dict(type=int)),
+                     ("--nerf-norm", dict(choices=["fc1", "fc1_fc2", "fc1_fc2_out"])), ("--nerf-width", dict(type=int)),
+                     ("--nerf-depth", dict(type=int))):
+        p.add_argument(flag, help="default: the model's", **kw)
     p.add_argument("--data-path", help="ImageFolder layout; none: built-in shapes")
     p.add_argument("--cache", help="uint8 .npy file to preprocess the dataset into once")
     p.add_argument("--image-size", type=int)
@@ -117,21 +119,20 @@ def get_parser():
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--p-uncond", type=float, help="label dropout for CFG")
     p.add_argument("--t-shift", type=float, help="time shift of the lognorm t (t2i: image size / 128)")
-    p.add_argument("--text-encoder",
-                   help="text-to-image: a local HF model directory or .gguf file; data = images with .txt captions")
+    p.add_argument("--text-encoder", help="text-to-image: local HF model folder or .gguf; data: images + .txt captions")
     p.add_argument("--text-cache", help="a .pt file of precomputed caption features (read or written)")
     p.add_argument("--text-encoder-dtype", choices=["bf16", "fp32"], help="the text encoder's precision")
     p.add_argument("--text-len", type=int, help="text tokens (padded or truncated)")
-    p.add_argument("--text-mask", action=argparse.BooleanOptionalAction,
-                   help="pass the text padding mask to attention (off: the official behaviour)")
+    p.add_argument("--text-mask", action=argparse.BooleanOptionalAction, help="the text padding mask in attention")
     p.add_argument("--repa-encoder", help="local DINOv2 ViT-B/14 checkpoint (dinov2_vitb14_pretrain.pth)")
     p.add_argument("--repa-weight", type=float)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--milestone-every", type=int)
-    p.add_argument("--sample-every", type=int)
-    p.add_argument("--sample-steps", type=int)
+    for flag in ("--log-every", "--ckpt-every", "--milestone-every", "--sample-every", "--sample-steps"):
+        p.add_argument(flag, type=int)
     p.add_argument("--sample-cfg", type=float)
+    p.add_argument("--fid-every", type=int, help="0: off; else FID of EMA samples (the grids' sampler) every N steps")
+    p.add_argument("--fid-ref", help="reference images (folder or npz) or statistics written by fid.py")
+    p.add_argument("--fid-samples", type=int, help="class-balanced samples per FID")
+    p.add_argument("--fid-inception", help="the FID Inception weights (default: as fid.py finds them)")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--fast", action=argparse.BooleanOptionalAction,
@@ -139,9 +140,8 @@ def get_parser():
                         "neural field, the blocks and AdamW + EMA, and the two options below; --no-fast: plain torch")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="with --fast: torch.compile each block")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
-                   help="with --fast and --compile: replay the compiled blocks from CUDA graphs (torch.compile's "
-                        "reduce-overhead mode): no per-kernel work on the host, which pays where the host cannot "
-                        "keep up with the GPU (small batches per GPU, slow CPUs)")
+                   help="with --fast and --compile: replay the compiled blocks from CUDA graphs (reduce-overhead "
+                        "mode), which pays where the host cannot keep up with the GPU (small batches, slow CPUs)")
     for a in p._actions:  # the table's defaults, in --help
         if a.dest in DEFAULTS:
             paper, quick = DEFAULTS[a.dest]
@@ -179,15 +179,6 @@ def resolve_args(args, world):
         raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by "
                          f"{world} processes x --grad-accum {args.grad_accum}")
     return args, ckpt
-
-
-def model_config(args, num_classes, text_dim=None):
-    """The model's name and constructor arguments, as checkpoints keep them."""
-    kwargs = dict(head=args.head, **(dict(text_dim=text_dim, text_len=args.text_len) if text_dim else
-                                     dict(num_classes=num_classes)))
-    kwargs.update({k: getattr(args, k) for k in ("encoding", "nerf_norm", "nerf_width", "nerf_depth", "patch_size")
-                   if getattr(args, k) is not None})
-    return {"name": args.model, "kwargs": kwargs}
 
 
 class Objective(nn.Module):
@@ -236,12 +227,12 @@ def main(args):
 
     config = ckpt["model_config"] if ckpt else model_config(args, num_classes, t2i and feats.shape[-1])
     model = MODELS[config["name"]](**config["kwargs"])
-    if args.init_from and not ckpt:
+    if args.init_from and not ckpt:  # ours or an official checkpoint's EMA weights, as the official "emainit"
         try:
             load_weights(model, read_weights("--init-from", args.init_from, init_weights))
         except ValueError as e:
             raise SystemExit(f"--init-from {args.init_from}: does not fit --model {args.model}: {e}")
-    encoder = projector = None
+    encoder = projector = None  # REPA's frozen DINOv2 and the projector of the hidden states to its features
     if args.repa_encoder:
         from dinov2 import load_dinov2, repa_target
         encoder = read_weights("--repa-encoder", args.repa_encoder, load_dinov2).to(device)
@@ -255,6 +246,10 @@ def main(args):
     params = list(objective.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay, fused=cuda)
     step = restore(ckpt, model, ema, projector, opt) if ckpt else 0
+    if args.fid_every:
+        from fid import OnlineFID
+        online_fid = OnlineFID(args.fid_ref, args.fid_samples, num_classes, size, local_batch, device,
+                               args.fid_inception, rank, world)
 
     run_dir, lock = open_run(args.results_dir, args.model, ckpt and (args.resume, ckpt["file"], step), rank)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(message)s",
@@ -301,25 +296,28 @@ def main(args):
         train_obj = DDP(train_obj, device_ids=[device.index] if cuda else None)
         if comm_hook:
             train_obj.register_comm_hook(None, comm_hook)
-    n_params = sum(p.numel() for p in model.parameters())
     flops = fast.count_flops(config, size)
     if rank == 0:
         write_text(os.path.join(run_dir, "args.json"), json.dumps(vars(args), indent=2))
-    log.info(f"{config['name']} {config['kwargs']}: {n_params:,} parameters, {flops / 1e9:.1f} GFLOPs/image; "
-             f"{len(dataset):,} images of {num_classes} classes at {size}px; run folder {run_dir}")
+    log.info(f"{config['name']} {config['kwargs']}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+             f"{flops / 1e9:.1f} GFLOPs/image; {len(dataset):,} images of {num_classes} classes at {size}px; {run_dir}")
 
-    sampler = ResumableSampler(len(dataset), rank, world, args.seed, step * local_batch * args.grad_accum,
-                               args.hflip)
+    sampler = ResumableSampler(len(dataset), rank, world, args.seed, step * local_batch * args.grad_accum, args.hflip)
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=cuda, drop_last=True, persistent_workers=args.num_workers > 0)
     batches = iter(loader)
 
-    # fixed noise and labels for the EMA sample grids
-    g = torch.Generator().manual_seed(args.seed)
-    grid_y = torch.arange(min(num_classes, 8)).repeat_interleave(4)
-    grid_noise = torch.randn(len(grid_y), 3, size, size, generator=g).to(device)
-    grid_y, grid_null = condition(grid_y), condition(torch.full_like(grid_y, -1 if t2i else num_classes))
+    grid_y = torch.arange(min(num_classes, 8)).repeat_interleave(4)  # the EMA sample grids' fixed labels and noise
+    grid_noise = torch.randn(len(grid_y), 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
+
+    def generate(y, noise):
+        """EMA samples of labels or caption indices y: Euler, --sample-steps, CFG --sample-cfg in (0.1, 1)."""
+        with autocast:
+            fn = guided(ema, condition(y), condition(torch.full_like(y, -1 if t2i else num_classes)), args.sample_cfg,
+                        (0.1, 1.0))
+            return sample(fn, noise, args.sample_steps, "euler").float()
+
     gen = torch.Generator(device)
 
     def save(name):
@@ -379,10 +377,12 @@ def main(args):
             stop(fault)
 
         if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
-            with autocast:
-                fn = guided(ema, grid_y, grid_null, args.sample_cfg, (0.1, 1.0))
-                imgs = sample(fn, grid_noise, args.sample_steps, "euler")
-            save_grid(imgs.float(), os.path.join(run_dir, f"samples-{step:07d}.png"), nrow=4)
+            save_grid(generate(grid_y, grid_noise), os.path.join(run_dir, f"samples-{step:07d}.png"), nrow=4)
+        if args.fid_every and step % args.fid_every == 0:  # every rank samples its share
+            fid_row = {"step": step, "fid": online_fid(generate), "fid_samples": args.fid_samples}
+            log.info(f"step {step} FID {fid_row['fid']:.2f} ({args.fid_samples} samples against {args.fid_ref})")
+            if rank == 0:
+                append_metrics(run_dir, fid_row)
         if ckpt_step:
             if rank == 0:
                 save("ckpt-last.pt")
