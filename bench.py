@@ -37,7 +37,7 @@ def kernel_kind(name):
         return "Inductor elementwise/reduction"
     if name in ("_fwd_kernel", "_out_grad_kernel", "_bwd_kernel", "_field_kernel"):
         return "neural-field kernels"
-    if name == "_swiglu_gemm":  # block_kernel's fc1 + SiLU gate (sampling)
+    if name == "_swiglu_gemm":  # fast/blocks.py's fc1 + SiLU gate (sampling)
         return "matmul"
     for kind, keys in (("matmul", ("gemm", "nvjet", "cutlass", "cublas", "splitK")),
                        ("attention", ("sdpa", "flash", "fmha", "attention", "cudnn")),

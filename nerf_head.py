@@ -1,4 +1,4 @@
-"""The patch-wise neural field of PixNerd (paper Sec. 3.2, Eq. 9-12).
+"""The patch-wise neural field of PixNerd (paper Sec. 3.2: Eq. 9-11; the encodings of Eq. 7 and 12).
 
 The transformer's last hidden state s of each patch predicts the weights of a small MLP
 (Eq. 9). The weights are row-wise normalised, and the MLP maps every pixel's coordinate encoding

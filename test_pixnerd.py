@@ -1,8 +1,8 @@
 """Tests for pixnerd: the core (model, head, flow, samplers) against the official golden vectors
 and the math, then fid.py, dinov2.py, text_encoder.py and data/. CPU only, small models.
 
-Spec sections (Sec. x) refer to the official implementation notes; testdata/README.md says where
-the golden vectors come from.
+The official code (MCG-NJU/PixNerd @ 6da060bd) is cited by file and class; testdata/README.md says
+where the golden vectors come from.
 """
 import copy
 import functools
@@ -64,7 +64,7 @@ def golden(name):
 
 
 def c2i_from_config(cfg):
-    """Our PixNerd with the official c2i constructor arguments (Sec. 2.1)."""
+    """Our PixNerd with the official c2i constructor arguments (official configs_c2i/*.yaml)."""
     return PixNerd(hidden_size=cfg["hidden_size"], num_heads=cfg["num_groups"],
                    depth=cfg["num_cond_blocks"], nerf_depth=cfg["num_blocks"] - cfg["num_cond_blocks"],
                    nerf_width=cfg["hidden_size_x"], nerf_mlp_ratio=cfg["nerf_mlpratio"],
@@ -72,7 +72,7 @@ def c2i_from_config(cfg):
 
 
 def t2i_from_config(cfg):
-    """Our text-to-image PixNerd with the official t2i constructor arguments (Sec. 7.1)."""
+    """Our text-to-image PixNerd with the official t2i constructor arguments (official configs_t2i/*.yaml)."""
     return MODELS["T2I-S/16"](hidden_size=cfg["hidden_size"], num_heads=cfg["num_groups"],
                               depth=cfg["num_encoder_blocks"], nerf_depth=cfg["num_decoder_blocks"],
                               nerf_width=cfg["decoder_hidden_size"], text_depth=cfg["num_text_blocks"],
@@ -111,8 +111,9 @@ def live(model, std=0.1):
 
 
 def dct_phi(r, c, ph, pw):
-    """Spec Sec. 3.2 for one pixel, element by element: phi_{8a+b} = cos(pi f_a u_c) cos(pi f_b v_r)
-    / (1 + f_a f_b), u_c = c / (pw - 1), v_r = r / (ph - 1), f = linspace(0, 8, 8)."""
+    """The official NerfEmbedder.fetch_pos (pixnerd_c2i.py) for one pixel, element by element:
+    phi_{8a+b} = cos(pi f_a u_c) cos(pi f_b v_r) / (1 + f_a f_b), u_c = c / (pw - 1), v_r = r / (ph - 1),
+    f = linspace(0, 8, 8)."""
     f = [8 * a / 7 for a in range(8)]
     u, v = c / (pw - 1), r / (ph - 1)
     return torch.tensor([math.cos(math.pi * f[a] * u) * math.cos(math.pi * f[b] * v) / (1 + f[a] * f[b])
@@ -138,7 +139,7 @@ def loglog_slope(ns, errors):
 @pytest.mark.parametrize("name, count", [("L/16", 452_113_795), ("XL/16", 700_589_219),
                                          ("XXL/16", 1_171_518_019)])
 def test_parameter_counts_match_official(name, count):
-    """The released configurations have the official parameter counts (Sec. 2.1, 7.1)."""
+    """The released configurations have the official parameter counts (official configs_c2i and configs_t2i)."""
     with torch.device("meta"):
         model = MODELS[name]()
     assert sum(p.numel() for p in model.parameters()) == count
@@ -157,7 +158,7 @@ def test_linear_baseline_moves_nerf_blocks_to_transformer():
 # ---------------------------------------------------------------------------------------------
 
 def naive_nerf_head(head, s, pixels, ph, pw, norm):
-    """Spec Sec. 3 patch by patch and pixel by pixel, in float64."""
+    """The official NerfBlock and NerfFinalLayer patch by patch and pixel by pixel, in float64."""
     width, hidden = head.blocks[0].width, head.blocks[0].hidden
     out = torch.empty(pixels.shape, dtype=torch.float64)
     for n in range(s.shape[0]):
@@ -186,7 +187,8 @@ def naive_nerf_head(head, s, pixels, ph, pw, norm):
 @pytest.mark.parametrize("norm", ["fc1", "fc1_fc2", "fc1_fc2_out"])
 @pytest.mark.parametrize("ph, pw", [(4, 4), (3, 5)])
 def test_nerf_head_equals_per_pixel_loop(norm, ph, pw):
-    """The batched neural field equals spec Sec. 3 evaluated one patch and one pixel at a time."""
+    """The batched neural field equals the official NerfBlock (pixnerd_c2i.py) evaluated one patch
+    and one pixel at a time."""
     torch.manual_seed(0)
     head = NerfHead(cond_dim=12, width=8, depth=2, mlp_ratio=2, channels=3, encoding="dct", norm=norm)
     with torch.no_grad():
@@ -201,7 +203,7 @@ def test_nerf_head_equals_per_pixel_loop(norm, ph, pw):
 
 
 def test_dct_encoding_matches_spec_formula():
-    """coordinate_encoding("dct") is spec Sec. 3.2's formula at every pixel of a 16x16 patch."""
+    """coordinate_encoding("dct") is the official NerfEmbedder.fetch_pos formula at every pixel of a 16x16 patch."""
     phi = coordinate_encoding("dct", 16, 16)
     expected = torch.stack([dct_phi(r, c, 16, 16) for r in range(16) for c in range(16)])
     assert phi.shape == (256, 64)
@@ -219,8 +221,9 @@ def test_dct2_encoding_is_orthonormal():
 
 @pytest.mark.parametrize("ph, pw", [(16, 16), (4, 6)])
 def test_cos_encoding_matches_spec_formula(ph, pw):
-    """coordinate_encoding("cos") is spec Sec. 7.3: feat[2j] = cos(X w_j), feat[2j+1] = cos(Y w_j),
-    w_j = 1e4^(-j/32), X = linspace(0, 16, pw)[c], Y = linspace(0, 16, ph)[r]."""
+    """coordinate_encoding("cos") is the official t2i encoding (layers/rope.py: precompute_freqs_cis_ex2d):
+    feat[2j] = cos(X w_j), feat[2j+1] = cos(Y w_j), w_j = 1e4^(-j/32), X = linspace(0, 16, pw)[c],
+    Y = linspace(0, 16, ph)[r]."""
     expected = torch.tensor([[math.cos(pos * 10000.0 ** (-j / 32))
                               for j in range(32) for pos in (16 * c / (pw - 1), 16 * r / (ph - 1))]
                              for r in range(ph) for c in range(pw)], dtype=torch.float64)
@@ -289,7 +292,7 @@ TEXTBOOK_ADAMS = {1: [1.0], 2: [-1 / 2, 3 / 2], 3: [5 / 12, -16 / 12, 23 / 12],
 
 def test_adams_coefficients():
     """Adams weights match the official ones, are the textbook Adams-Bashforth weights on a uniform
-    grid (ramping up from Euler), and the variable-step order-2 formula of spec Sec. 5.3."""
+    grid (ramping up from Euler), and the variable-step order-2 formula of the official AdamLMSampler (adam_sampling.py)."""
     for name, cfg in golden("samplers_small")["samplers"].items():
         if not name.startswith("adams"):
             continue
