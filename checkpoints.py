@@ -271,6 +271,15 @@ def weights_fault(model, ema, x, y, t_shift, step):
 # Weights
 # ---------------------------------------------------------------------------------------------
 
+def model_config(args, num_classes, text_dim=None):
+    """The model's name and constructor arguments, as checkpoints keep them."""
+    kwargs = dict(head=args.head, **(dict(text_dim=text_dim, text_len=args.text_len) if text_dim else
+                                     dict(num_classes=num_classes)))
+    kwargs.update({k: getattr(args, k) for k in ("encoding", "nerf_norm", "nerf_width", "nerf_depth", "patch_size")
+                   if getattr(args, k) is not None})
+    return {"name": args.model, "kwargs": kwargs}
+
+
 def init_weights(path):
     """The EMA weights of our checkpoint or of an official Lightning one (as official "emainit")."""
     src = torch.load(path, map_location="cpu", weights_only=True)
@@ -534,12 +543,3 @@ def write_npz(path, files, size):
                     raise SystemExit(f"{file}: not a whole {size[1]}x{size[0]} RGB PNG: run sample.py again to redo it")
                 f.write(img.tobytes())
     write_atomic(path, write)
-
-
-def model_config(args, num_classes, text_dim=None):
-    """The model's name and constructor arguments, as checkpoints keep them."""
-    kwargs = dict(head=args.head, **(dict(text_dim=text_dim, text_len=args.text_len) if text_dim else
-                                     dict(num_classes=num_classes)))
-    kwargs.update({k: getattr(args, k) for k in ("encoding", "nerf_norm", "nerf_width", "nerf_depth", "patch_size")
-                   if getattr(args, k) is not None})
-    return {"name": args.model, "kwargs": kwargs}
