@@ -73,6 +73,10 @@ class DINOv2(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # iBOT training only; kept for strict loading
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        # the input normalisation, as buffers so that it moves with the model: a constant made from a
+        # Python list on each call would be a blocking host-to-device copy, a sync in every step
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def pos_embed_for(self, gh, gw):
         """Resize the 37x37 table to a gh x gw token grid exactly as DINOv2 does: bicubic, no
@@ -137,8 +141,6 @@ def repa_target(encoder, images, ht, wt):
     normalise, THEN bicubic-resize (no antialias) to 14 px per denoiser token, i.e.
     (14 H/16, 14 W/16) for patch 16, so both token grids coincide."""
     images = images.float()  # the official normalises the fp32 [0, 1] image
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    x = ((images + 1) / 2 - mean) / std
+    x = ((images + 1) / 2 - encoder.mean.float()) / encoder.std.float()
     x = F.interpolate(x, size=(encoder.patch_size * ht, encoder.patch_size * wt), mode="bicubic")
     return encoder.forward_patch_tokens(x)

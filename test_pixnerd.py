@@ -1195,6 +1195,39 @@ def test_repa_target_shape_and_normalisation():
     assert repa_target(model, images, 4, 6).shape == (1, 24, 32)
 
 
+def test_repa_training_step_copies_nothing_from_the_host():
+    """A tensor made from Python data (torch.tensor, new_tensor) or copied from a CPU tensor onto the
+    GPU is a blocking copy: the host waits for the GPU queue to drain, every step. The whole REPA step
+    (target, losses, backward) runs here on the meta device, which stands for the GPU, and any
+    tensor that reaches it from the host is reported."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+
+    class HostToDevice(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            host = func in (torch.tensor, torch.as_tensor, torch.Tensor.new_tensor) or any(
+                isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0 for a in tree_leaves((args, kwargs)))
+            if host and any(isinstance(o, torch.Tensor) and o.device.type == "meta" for o in tree_leaves(out)):
+                self.calls.append(getattr(func, "__name__", str(func)))
+            return out
+
+    with torch.device("meta"):
+        model, encoder = MODELS["XS/16"](num_classes=10), DINOv2(**DINO_TINY)
+        projector = flow.REPAProjector(model.patch_embed.out_features, DINO_TINY["embed_dim"])
+        x = torch.rand(2, 3, 32, 32) * 2 - 1
+        y = torch.zeros(2, dtype=torch.long)
+    with HostToDevice() as watch:
+        target = repa_target(encoder, x, 2, 2)
+        losses = flow.training_losses(model, x, y, null=10, projector=projector, repa_target=target)
+        losses["loss"].backward()
+    assert target.shape == (2, 4, DINO_TINY["embed_dim"]) and watch.calls == []
+
+
 # =============================================================================================
 # text_encoder.py: the frozen text encoder
 # =============================================================================================
