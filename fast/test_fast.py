@@ -316,6 +316,18 @@ def test_ddp_averages_bf16_gradients_in_fp32(tmp_path):
     assert r.returncode == 0 and "hook ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
 
+def test_ddp_ranks_stay_identical_with_the_fast_layer():
+    """fast/checks/ddp_ranks.py with two processes (gloo): train.py's fast step with REPA, bf16 compute
+    copies and the fp32 hook; after every step the weights, EMA, copies and projector hash the same
+    on both ranks (the check fails when the processes are not synchronised)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "fast.checks.ddp_ranks"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run(cmd, cwd=ROOT, env={**env, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ranks ok" in r.stdout and r.stdout.count("[True, True, True, True]") == 3, \
+        r.stdout[-2000:] + r.stderr[-3000:]
+
+
 def test_repa_encoder_in_bf16_computes_what_autocast_does():
     """fast.for_training's REPA encoder: bf16 Linear weights give under autocast exactly the targets
     that autocast computes from the fp32 weights (compile off here; the CPU has no kernels)."""
