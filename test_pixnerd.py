@@ -1407,6 +1407,42 @@ fm = load("fashion_mnist")
 emoji = load("emoji")
 
 
+def test_fashion_mnist_report(tmp_path):
+    """scripts/fashion_mnist_report.py on a results folder made here: the seeds' mean and spread, the
+    ratio to the floor, the comparison at equal GPU time (PixNerd's curve interpolated at the step
+    where its GPU time equals the Baseline's last), and a figure whose rows are the classes."""
+    spec = importlib.util.spec_from_file_location("report", os.path.join(HERE, "scripts", "fashion_mnist_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    R = str(tmp_path)
+    (tmp_path / "floor.txt").write_text("FID        2.0000\nsFID       3.0\n")
+    (tmp_path / "step_time.txt").write_text(
+        "# CUDA\ntrain  S/4    nerf   regions fast on  graphs off batch 128 | s_per_iter 0.0300 img_per_s 1\n"
+        "train  S/4    linear regions fast on  graphs off batch 128 | s_per_iter 0.0100 img_per_s 1\n")
+    fids = {"pixnerd": {100: (40, 44), 200: (20, 24), 300: (10, 14)}, "baseline": {100: (50, 52), 200: (30, 32), 300: (25, 27)}}
+    for head, curve in fids.items():
+        for seed in (0, 1):
+            run = tmp_path / f"{head}-{seed}" / "000-S-4"
+            run.mkdir(parents=True)
+            rows = [{"step": st, "loss": 1.0} for st in curve] + [{"step": st, "fid": f[seed]} for st, f in curve.items()]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            final = {"pixnerd": (4.0, 6.0), "baseline": (8.0, 8.0)}[head][seed]
+            (tmp_path / f"{head}-{seed}-euler50.fid.txt").write_text(f"FID        {final}\n")
+    classes = np.repeat(np.arange(10, dtype=np.uint8) * 20, 3)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    for name in ("test", "pixnerd-0-euler50", "baseline-0-euler50"):
+        np.savez(tmp_path / f"{name}.npz", arr_0=classes)
+    report.main(R)
+    text = (tmp_path / "report.md").read_text()
+    assert "| pixnerd (2 seeds) | 5.00 ± 1.41 | n/a | 2.5 | 0.0300 |" in text
+    assert "| baseline (2 seeds) | 8.00 ± 0.00 | n/a | 4.0 | 0.0100 |" in text
+    assert "| 200 | 22.00 ± 2.83 | 0.1 | 31.00 ± 1.41 | 0.0 |" in text
+    # the Baseline's step 300 took 3 s alone, PixNerd's step 100 as long: its FIDs there, 40 and 44
+    assert "Baseline at step 300 26.00 ± 1.41, PixNerd at step 100 42.00 ± 2.83" in text
+    grid = np.asarray(Image.open(tmp_path / "samples.png"))
+    assert grid.shape == (10 * 4 * 3, (3 * 3 * 4 + 2 * 8) * 3, 3)
+    assert [grid[12 * k + 6, 6, 0] for k in range(10)] == list(range(0, 200, 20))
+
+
 def write_idx(path, array):
     """IDX writer written from the format spec, independent of the reader under test."""
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
