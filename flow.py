@@ -76,3 +76,14 @@ def training_losses(model, x, y, null=None, p_uncond=0.1, t=None, noise=None, t_
         losses["repa"] = repa_loss(projector(h), repa_target)
         losses["loss"] = losses["fm"] + repa_weight * losses["repa"]
     return losses
+
+
+class Objective(nn.Module):
+    """The model and the REPA projector under one module, so DDP syncs both: forward = training_losses."""
+
+    def __init__(self, model, projector=None):
+        super().__init__()
+        self.model, self.projector = model, projector
+
+    def forward(self, x, y, **kw):
+        return training_losses(self.model, x, y, projector=self.projector, **kw)

@@ -24,7 +24,6 @@ from copy import deepcopy
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -181,17 +180,6 @@ def resolve_args(args, world):
     return args, ckpt
 
 
-class Objective(nn.Module):
-    """The model and the REPA projector under one module, so DDP syncs both."""
-
-    def __init__(self, model, projector):
-        super().__init__()
-        self.model, self.projector = model, projector
-
-    def forward(self, x, y, **kw):
-        return flow.training_losses(self.model, x, y, projector=self.projector, **kw)
-
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema = decay * ema + (1 - decay) * model, every step, in fp32 (official callbacks/simple_ema.py: SimpleEMA)."""
@@ -242,7 +230,7 @@ def main(args):
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
     ema = deepcopy(model).requires_grad_(False)  # fp32, updated every step
-    objective = Objective(model, projector)  # AdamW's parameters: the fp32 weights and the projector
+    objective = flow.Objective(model, projector)  # AdamW's parameters: the fp32 weights and the projector
     params = list(objective.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay, fused=cuda)
     step = restore(ckpt, model, ema, projector, opt) if ckpt else 0
@@ -291,7 +279,7 @@ def main(args):
     else:
         net, opt_step, comm_hook = model, plain_step, None
     graphs = fast_on and args.compile and args.cuda_graphs
-    train_obj = Objective(net, projector)  # what runs the step: the fast layer's copy, if any
+    train_obj = flow.Objective(net, projector)  # what runs the step: the fast layer's copy, if any
     if ddp:
         train_obj = DDP(train_obj, device_ids=[device.index] if cuda else None)
         if comm_hook:

@@ -41,6 +41,7 @@ for name, data, idx in (("test", test, range(len(test))), ("train_floor", train,
     if not os.path.exists(f"{R}/{name}.npz"):
         np.savez(f"{R}/{name}.npz", arr_0=np.stack([data[int(i)][0].permute(1, 2, 0).numpy() for i in idx]))
 EOF
+[ -e "$R/train.npy" ] || python -c "import datasets as d; d.cache_dataset(d.ImageFolder('$D/train', 32), '$R/train.npy', 4)"   # read by every run
 [ -s "$R/floor.txt" ] || python fid.py "$R/train_floor.npz" "$R/test.npz" --inception "$INCEPTION" > "$R/floor.txt"
 # each model's training step alone on this machine (the runs below share the GPU, so their own clocks do not say)
 [ -s "$R/step_time.txt" ] || python bench.py --model "$MODEL" --image-size 32 --batch-size "$BATCH" --head nerf linear \
@@ -62,7 +63,6 @@ fid_of() {  # checkpoint, output name, then sample.py flags: N class-balanced EM
   python sample.py --ckpt "$ckpt" --num-samples "${NUM:-$N}" --batch-size 500 "$@" --sample-dir "$out" > "$out.log" 2>&1
   python fid.py "$out.npz" "$R/test.npz" --inception "$INCEPTION" > "$out.fid.txt"
 }
-[ -e "$R/train.npy" ] || python -c "import datasets as d; d.cache_dataset(d.ImageFolder('$D/train', 32), '$R/train.npy', 4)"
 
 first=${SEEDS%% *}
 RUNS=()
@@ -79,7 +79,7 @@ for run in "${RUNS[@]}"; do
   slot; fid_of "$ckpt" "$R/$name-euler50" --solver euler --steps 50 --cfg-scale 1 &
   slot; fid_of "$ckpt" "$R/$name-adams2_25" --solver adams2 --steps 25 --cfg-scale 1 &
 done
-# the CFG scale on a small sweep (seed 0 of both heads, Euler 50, FID of FID_N samples)
+# the CFG scale on a small sweep (the first seed of both heads, Euler 50, FID of FID_N samples)
 for cfg in $CFGS; do
   for head in pixnerd baseline; do
     slot; NUM=$FID_N fid_of "$(ls "$R/$head-$first"/*/ckpt-last.pt)" "$R/$head-$first-cfg$cfg" --solver euler --steps 50 \
@@ -87,4 +87,7 @@ for cfg in $CFGS; do
   done
 done
 wait
+for f in "$R"/*-euler50 "$R"/*-adams2_25 "$R"/*-cfg*[0-9]; do  # every sampling gave its FID, else its log says why not
+  [ -d "$f" ] && { grep -q "^FID " "$f.fid.txt" 2>/dev/null || { echo "no FID for $f: $f.log"; exit 1; }; }
+done
 grep -H "^FID " "$R"/*.fid.txt "$R/floor.txt"
