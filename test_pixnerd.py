@@ -22,6 +22,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import types
 
 from PIL import Image
 import numpy as np
@@ -2725,7 +2726,8 @@ def test_runs_started_at_once_get_their_own_folders(tmp_path, monkeypatch):
 def test_online_fid_every_n_steps_is_kept_across_a_resume(tmp_path, monkeypatch):
     """train.py --fid-every: FID rows in metrics.jsonl at the steps asked; each evaluation samples the
     same labels and noise, so a run resumed from step 2 logs the uninterrupted run's FIDs bitwise.
-    A missing reference or missing Inception weights are one line before a run folder."""
+    A missing reference or missing Inception weights are one line before a run folder. The FID's
+    seconds are logged with it and left out of img/s."""
     ref = tmp_path / "ref.npz"
     shapes = datasets.Shapes(32)
     np.savez(ref, arr_0=np.stack([shapes[i][0].permute(1, 2, 0).numpy() for i in range(12)]))
@@ -2746,6 +2748,14 @@ def test_online_fid_every_n_steps_is_kept_across_a_resume(tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as err:
         run_train(tmp_path / "c", "--fid-every", 2, "--fid-ref", ref)
     assert "--fid-inception" in err.value.code and no_run_folder(tmp_path / "c")
+    # the seconds an FID takes are logged with it and left out of the next window's img/s
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock.__setitem__(0, clock[0] + 1) or clock[0]))
+    real_call = fid.OnlineFID.__call__
+    monkeypatch.setattr(fid.OnlineFID, "__call__", lambda self, g: clock.__setitem__(0, clock[0] + 1e6) or real_call(self, g))
+    run = run_train(tmp_path / "d", "--max-steps", 4, *flags)
+    assert min(r["img_per_s"] for r in metrics(run) if "img_per_s" in r) > 1
+    assert re.search(r"step 2 FID [0-9.]+ \(6 samples against .*; 100000\d\.\d s\)", open(os.path.join(run, "log.txt")).read())
 
 
 # (end of the train.py robustness tests)

@@ -361,14 +361,17 @@ def main(args):
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
                 log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
             stats, t_log, seen, n_steps = {}, time.time(), 0, 0
+        t_extra = time.time()  # img/s counts training steps, not the checks, grids, FIDs and saves below
         if ckpt_step and (fault := weights_fault(model, ema, x, y, args.t_shift, step)):  # every rank's verdict
             stop(fault)
 
         if rank == 0 and (step % args.sample_every == 0 or step == args.max_steps):
             save_grid(generate(grid_y, grid_noise), os.path.join(run_dir, f"samples-{step:07d}.png"), nrow=4)
         if args.fid_every and step % args.fid_every == 0:  # every rank samples its share
+            t_fid = time.time()
             fid_row = {"step": step, "fid": online_fid(generate), "fid_samples": args.fid_samples}
-            log.info(f"step {step} FID {fid_row['fid']:.2f} ({args.fid_samples} samples against {args.fid_ref})")
+            log.info(f"step {step} FID {fid_row['fid']:.2f} ({args.fid_samples} samples against {args.fid_ref}; "
+                     f"{time.time() - t_fid:.1f} s)")
             if rank == 0:
                 append_metrics(run_dir, fid_row)
         if ckpt_step:
@@ -377,6 +380,7 @@ def main(args):
                 if args.milestone_every and step % args.milestone_every == 0:
                     save(f"ckpt-{step:07d}.pt")
             last_good = (os.path.join(run_dir, "ckpt-last.pt"), step)
+        t_log += time.time() - t_extra
     bar.close()
     log.info(f"done: {step} steps in {run_dir}")
     if ddp:
