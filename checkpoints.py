@@ -5,6 +5,7 @@ One atomic writer serves every file a run writes, so that a kill at any moment l
 or the new one, never half of one.
 """
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -484,6 +485,14 @@ def setup_distributed():
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return ddp, rank, world, device
+
+
+def end_distributed():
+    """Destroy the process group once nothing holds it. DDP keeps the group in reference cycles, and
+    gloo aborts the process at exit ("terminate called without an active exception") when a DDP
+    outlives the group; so call this after the function that made the DDP has returned."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------

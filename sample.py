@@ -22,8 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import fast
-from checkpoints import (check_memory, check_writable, load_model, newest_checkpoint, read_png, save_grid,
-                         setup_distributed, to_uint8, weights_hash, write_atomic, write_npz)
+from checkpoints import (check_memory, check_writable, end_distributed, load_model, newest_checkpoint, read_png,
+                         save_grid, setup_distributed, to_uint8, weights_hash, write_atomic, write_npz)
 from model import MODELS
 from samplers import SOLVERS, guided, sample, time_grid
 from text_encoder import caption_features
@@ -252,7 +252,7 @@ def main(args):
         write_npz(f"{out_dir}.npz", [png(i) for i in range(n)], (H, W))  # streamed; fid.py never sees half of one
         print(f"saved {n} images to {out_dir}/ and {out_dir}.npz {(n, H, W, 3)}")
     if ddp:
-        dist.destroy_process_group()
+        end_distributed()
 
 
 def get_parser():

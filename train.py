@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 import fast
 import flow
-from checkpoints import (append_metrics, check_memory, check_writable, init_weights, load_weights, model_config,
-                         newest_run, open_run, read_weights, restore, resume_checkpoint, save_checkpoint, save_grid,
-                         setup_distributed, weights_fault, write_text)
+from checkpoints import (append_metrics, check_memory, check_writable, end_distributed, init_weights, load_weights,
+                         model_config, newest_run, open_run, read_weights, restore, resume_checkpoint, save_checkpoint,
+                         save_grid, setup_distributed, weights_fault, write_text)
 from datasets import ResumableSampler, training_data
 from model import MODELS
 from samplers import guided, sample
@@ -383,10 +383,10 @@ def main(args):
         t_log += time.time() - t_extra
     bar.close()
     log.info(f"done: {step} steps in {run_dir}")
-    if ddp:
-        dist.destroy_process_group()
     return run_dir
 
 
 if __name__ == "__main__":
     main(get_parser().parse_args())
+    if dist.is_initialized():
+        end_distributed()  # after main returns: none of its DDP may outlive the group

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoints import end_distributed
 from fast.precision import allreduce_fp32
 
 dist.init_process_group("gloo")
@@ -33,3 +34,5 @@ if rank == 0:
     print("within one rounding of the fp32 average:", ok)
     assert ok[0] == 1 and ok[1] < 1, ok  # DDP's bf16 sums round at each step
     print("hook ok")
+del ddp
+end_distributed()

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fast
 import flow
+from checkpoints import end_distributed
 from dinov2 import DINOv2, repa_target
 from model import MODELS
 
@@ -26,43 +27,48 @@ def digest(module):
     return h.hexdigest()
 
 
-cuda = torch.cuda.is_available()
-dist.init_process_group("nccl" if cuda else "gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-if cuda:
-    torch.cuda.set_device(device)
-name, size, batch, steps, dino = (("S/16", 256, 8, 6, {}) if cuda else
-                                  ("XS/16", 32, 2, 3, dict(embed_dim=32, depth=2, num_heads=2, img_size=56)))
-torch.manual_seed(0)  # the same initial weights on every rank, as train.py's seeded init
-model = MODELS[name](num_classes=10).to(device)
-ema = copy.deepcopy(model).requires_grad_(False)
-encoder = DINOv2(**dino).to(device).requires_grad_(False).eval()  # random weights: the same work
-projector = flow.REPAProjector(model.patch_embed.out_features, encoder.embed_dim).to(device)
-opt = torch.optim.AdamW([*model.parameters(), *projector.parameters()], lr=1e-3, weight_decay=0, fused=cuda)
-net, opt_step, hook = fast.for_training(model, ema, opt, ema_decay=0.99, grad_clip=1.0, compile=cuda,
-                                        encoder=encoder, log=lambda msg: None)
-obj = DDP(flow.Objective(net, projector), device_ids=[device.index] if cuda else None)
-obj.register_comm_hook(None, hook)
-autocast = torch.autocast(device.type, torch.bfloat16)
-tokens = size // model.patch_size
-for step in range(steps):
-    gen = torch.Generator(device).manual_seed(1000 * rank + step)  # each rank its own batch and noise
-    x = torch.rand(batch, 3, size, size, device=device, generator=gen) * 2 - 1
-    y = torch.randint(0, 10, (batch,), device=device, generator=gen)
-    with autocast:
-        target = repa_target(encoder, x, tokens, tokens)
-        losses = obj(x, y, null=10, repa_target=target, generator=gen)
-    losses["loss"].backward()
-    norm = opt_step()
-    opt.zero_grad(set_to_none=True)
-    states = [None] * world
-    dist.all_gather_object(states, (digest(model), digest(ema), digest(net), digest(projector)))
+def main():
+    cuda = torch.cuda.is_available()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    name, size, batch, steps, dino = (("S/16", 256, 8, 6, {}) if cuda else
+                                      ("XS/16", 32, 2, 3, dict(embed_dim=32, depth=2, num_heads=2, img_size=56)))
+    torch.manual_seed(0)  # the same initial weights on every rank, as train.py's seeded init
+    model = MODELS[name](num_classes=10).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    encoder = DINOv2(**dino).to(device).requires_grad_(False).eval()  # random weights: the same work
+    projector = flow.REPAProjector(model.patch_embed.out_features, encoder.embed_dim).to(device)
+    opt = torch.optim.AdamW([*model.parameters(), *projector.parameters()], lr=1e-3, weight_decay=0, fused=cuda)
+    net, opt_step, hook = fast.for_training(model, ema, opt, ema_decay=0.99, grad_clip=1.0, compile=cuda,
+                                            encoder=encoder, log=lambda msg: None)
+    obj = DDP(flow.Objective(net, projector), device_ids=[device.index] if cuda else None)
+    obj.register_comm_hook(None, hook)
+    autocast = torch.autocast(device.type, torch.bfloat16)
+    tokens = size // model.patch_size
+    for step in range(steps):
+        gen = torch.Generator(device).manual_seed(1000 * rank + step)  # each rank its own batch and noise
+        x = torch.rand(batch, 3, size, size, device=device, generator=gen) * 2 - 1
+        y = torch.randint(0, 10, (batch,), device=device, generator=gen)
+        with autocast:
+            target = repa_target(encoder, x, tokens, tokens)
+            losses = obj(x, y, null=10, repa_target=target, generator=gen)
+        losses["loss"].backward()
+        norm = opt_step()
+        opt.zero_grad(set_to_none=True)
+        states = [None] * world
+        dist.all_gather_object(states, (digest(model), digest(ema), digest(net), digest(projector)))
+        if rank == 0:
+            print(f"step {step}: loss {losses['loss'].item():.4f} grad norm {norm.item():.3f}; "
+                  f"equal on {world} ranks: {[len({s[i] for s in states}) == 1 for i in range(4)]}")
+            assert len(set(states)) == 1, "the ranks' weights, EMA, copies or projector differ"
+            assert states[0][2] != states[0][0], "net holds no bf16 compute copies: the check would test less"
     if rank == 0:
-        print(f"step {step}: loss {losses['loss'].item():.4f} grad norm {norm.item():.3f}; "
-              f"equal on {world} ranks: {[len({s[i] for s in states}) == 1 for i in range(4)]}")
-        assert len(set(states)) == 1, "the ranks' weights, EMA, copies or projector differ"
-        assert states[0][2] != states[0][0], "net holds no bf16 compute copies: the check would test less"
-if rank == 0:
-    print("ranks ok")
-dist.destroy_process_group()
+        print("ranks ok")
+
+
+if __name__ == "__main__":
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    main()
+    end_distributed()  # after main: nothing of its DDP left to outlive the group
