@@ -12,13 +12,15 @@ A training step is the one train.py runs: flow-matching loss (REPA with --repa o
 and the fp32 EMA; with --fast on (CUDA) through fast.for_training, as train.py (bf16 compute copies, fused
 kernels, compiled blocks, one AdamW + EMA kernel), with off the plain torch step. MFU = 3 x forward
 FLOPs x img/s / the card's bf16 matmul rate (fast.peak_flops); FLOPs are counted by torch's
-FlopCounterMode, not estimated.
+FlopCounterMode, not estimated. Times are the median of four back-to-back chunks of --iters calls;
+`spread` (slowest chunk over fastest) above 1.1 is flagged as unsteady.
 """
 import argparse
 import copy
 import gc
 import itertools
 import math
+import statistics
 import time
 
 import torch
@@ -48,19 +50,24 @@ def kernel_kind(name):
 
 
 def timed(fn, iters, warmup, device, profile=0):
-    """Seconds per call and peak GiB; profile > 0 also prints the top kernels of one more call
-    and, on a GPU, their time summed by kind."""
+    """Seconds per call, the spread of the timing and peak GiB. The iters calls run back to back
+    in up to four chunks; the figure is the median chunk's, so that one stall (a late compile,
+    another process) moves the spread (slowest chunk over fastest) rather than the figure.
+    profile > 0 also prints the top kernels of one more call and, on a GPU, their time by kind."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / iters
+    chunks = []
+    for n in [len(c) for c in torch.arange(iters).tensor_split(min(4, iters))]:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        chunks.append((time.perf_counter() - t0) / n)
+    dt, spread = statistics.median(chunks), max(chunks) / min(chunks)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     if profile:
         from torch.profiler import ProfilerActivity
@@ -82,7 +89,7 @@ def timed(fn, iters, warmup, device, profile=0):
             total = sum(kinds.values())
             print(f"GPU time of the call: {total / 1e3:.1f} ms; " + ", ".join(
                 f"{k} {v / 1e3:.1f} ms ({100 * v / total:.0f}%)" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
-    return dt, mem
+    return dt, spread, mem
 
 
 def conditions(model, batch, device):
@@ -134,12 +141,12 @@ def bench_train(name, head, batch, size, how, fast_on, graphs, args, device):
     t_compile = time.perf_counter()
     step()
     t_compile = time.perf_counter() - t_compile
-    dt, mem = timed(step, args.iters, args.warmup, device, args.profile)
+    dt, spread, mem = timed(step, args.iters, args.warmup, device, args.profile)
     if graphs == "on":  # train.py's figure: the graphs' pools are reserved, not allocated, while they replay
         mem = fast.peak_gib(device, graphs=True)
     flops = fast.count_flops(config, size)
     mfu = 3 * flops * batch / dt / fast.peak_flops(device) if device.type == "cuda" else float("nan")
-    return dict(s_per_iter=dt, img_per_s=batch / dt, mfu=mfu, peak_gib=mem, first_step_s=t_compile)
+    return dict(s_per_iter=dt, img_per_s=batch / dt, mfu=mfu, peak_gib=mem, first_step_s=t_compile, spread=spread)
 
 
 def bench_sample(name, head, batch, size, how, fast_on, graphs, args, device):
@@ -159,8 +166,9 @@ def bench_sample(name, head, batch, size, how, fast_on, graphs, args, device):
     t_first = time.perf_counter()
     run()
     t_first = time.perf_counter() - t_first
-    dt, mem = timed(run, max(1, args.iters // 10), 0, device, args.profile)
-    return dict(first_run_s=t_first, s_per_step=dt / args.sample_steps, s_per_image=dt / batch, img_per_s=batch / dt, peak_gib=mem)
+    dt, spread, mem = timed(run, max(1, args.iters // 10), 0, device, args.profile)
+    return dict(first_run_s=t_first, s_per_step=dt / args.sample_steps, s_per_image=dt / batch, img_per_s=batch / dt, peak_gib=mem,
+                spread=spread)
 
 
 def rel(a, b):
@@ -291,6 +299,9 @@ def main():
         cells = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
         print(f"{what:6s} {name:6s} {head:6s} {how:7s} fast {kernel:3s} graphs {graphs:3s} batch {batch:3d} | {cells}",
               flush=True)
+        if r.get("spread", 1) > 1.1:
+            print(f"# unsteady: the slowest chunk of calls took {r['spread']:.2f}x the fastest; "
+                  "rerun with more --warmup and --iters", flush=True)
         if device.type == "cuda":  # the next peak without this run's tensors (compiled modules hold cycles)
             gc.collect()
             torch.cuda.empty_cache()

@@ -366,6 +366,18 @@ def test_bench_check_bf16_close_to_fp32():
         assert 0 < err <= 1e-2, (name, err)  # > 0: autocast did run in bf16
 
 
+def test_bench_timing_is_the_median_chunk_so_one_stall_shows_as_spread(monkeypatch):
+    """8 calls of 10 ms on a fake clock, one of which stalls for 1 s: the mean would be 0.135 s."""
+    clock, calls = [0.0], []
+
+    def call():
+        calls.append(1)
+        clock[0] += 1.0 if len(calls) == 5 else 0.01  # the 3rd timed call (after 2 warm-up calls)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    dt, spread, _ = bench.timed(call, 8, 2, torch.device("cpu"))
+    assert len(calls) == 10 and dt == pytest.approx(0.01) and spread == pytest.approx(0.505 / 0.01)
+
+
 def test_bench_cli_prints_train_and_sample_rows(tmp_path):
     """Class and text conditions (a text-to-image model trains and samples on random text features)."""
     r = cli("bench.py", "--model", "XS/16", "T2I-XS/16", "--image-size", 32, "--batch-size", 5, "--iters", 1,
