@@ -59,8 +59,8 @@ def timed(fn, iters, warmup, device, profile=0):
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    chunks = []
-    for n in [len(c) for c in torch.arange(iters).tensor_split(min(4, iters))]:
+    k, chunks = min(4, iters), []
+    for n in [iters // k + (i < iters % k) for i in range(k)]:
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
@@ -167,8 +167,8 @@ def bench_sample(name, head, batch, size, how, fast_on, graphs, args, device):
     run()
     t_first = time.perf_counter() - t_first
     dt, spread, mem = timed(run, max(1, args.iters // 10), 0, device, args.profile)
-    return dict(first_run_s=t_first, s_per_step=dt / args.sample_steps, s_per_image=dt / batch, img_per_s=batch / dt, peak_gib=mem,
-                spread=spread)
+    return dict(first_run_s=t_first, s_per_step=dt / args.sample_steps, s_per_image=dt / batch, img_per_s=batch / dt,
+                peak_gib=mem, spread=spread)
 
 
 def rel(a, b):

@@ -367,7 +367,7 @@ def test_bench_check_bf16_close_to_fp32():
 
 
 def test_bench_timing_is_the_median_chunk_so_one_stall_shows_as_spread(monkeypatch):
-    """8 calls of 10 ms on a fake clock, one of which stalls for 1 s: the mean would be 0.135 s."""
+    """8 calls of 10 ms on a fake clock, one of which stalls for 1 s: the mean would be 0.134 s."""
     clock, calls = [0.0], []
 
     def call():
