@@ -1410,7 +1410,7 @@ emoji = load("emoji")
 
 def test_fashion_mnist_report(tmp_path):
     """scripts/fashion_mnist_report.py on a results folder made here: the seeds' mean and spread, the
-    ratio to the floor, the comparison at equal GPU time (PixNerd's curve interpolated at the step
+    ratio to the floor, the milestones' FID curve, the comparison at equal GPU time (PixNerd's curve interpolated at the step
     where its GPU time equals the Baseline's last), and a figure whose rows are the classes."""
     spec = importlib.util.spec_from_file_location("report", os.path.join(HERE, "scripts", "fashion_mnist_report.py"))
     report = importlib.util.module_from_spec(spec)
@@ -1423,10 +1423,9 @@ def test_fashion_mnist_report(tmp_path):
     fids = {"pixnerd": {100: (40, 44), 200: (20, 24), 300: (10, 14)}, "baseline": {100: (50, 52), 200: (30, 32), 300: (25, 27)}}
     for head, curve in fids.items():
         for seed in (0, 1):
-            run = tmp_path / f"{head}-{seed}" / "000-S-4"
-            run.mkdir(parents=True)
-            rows = [{"step": st, "loss": 1.0} for st in curve] + [{"step": st, "fid": f[seed]} for st, f in curve.items()]
-            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (tmp_path / f"{head}-{seed}").mkdir()
+            for st, f in curve.items():  # the FID of each milestone, as fashion_mnist.sh's fid_of writes it
+                (tmp_path / f"{head}-{seed}-step{st}.fid.txt").write_text(f"FID        {f[seed]}\nsFID       1.0\n")
             final = {"pixnerd": (4.0, 6.0), "baseline": (8.0, 8.0)}[head][seed]
             (tmp_path / f"{head}-{seed}-euler50.fid.txt").write_text(f"FID        {final}\n")
     classes = np.repeat(np.arange(10, dtype=np.uint8) * 20, 3)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)

