@@ -53,15 +53,15 @@ def at(c, step):
     return float(np.interp(step, steps, [c[s] for s in steps]))
 
 
-def figure(R, seed, out, per_class=8, scale=3):
-    """Rows of classes; three panels: test images, PixNerd, Baseline."""
+def figure(paths, out, per_class=8, scale=3):
+    """Rows of classes; one panel per npz of class-balanced images (test images, PixNerd, Baseline)."""
     panels = []
-    for path in (f"{R}/test.npz", f"{R}/pixnerd-{seed}-euler50.npz", f"{R}/baseline-{seed}-euler50.npz"):
+    for path in paths:
         x = np.load(path)["arr_0"]  # class-balanced, in class order (the test set: its folders' order)
         rows = np.split(x[: len(x) // 10 * 10], 10)
         panels.append(np.concatenate([np.concatenate(list(r[:per_class]), 1) for r in rows], 0))
     gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
-    grid = np.concatenate([panels[0], gap, panels[1], gap, panels[2]], 1)
+    grid = np.concatenate([x for p in panels for x in (gap, p)][1:], 1)
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(out)
 
 
@@ -104,8 +104,9 @@ def main(R):
         for head in ("pixnerd", "baseline"):
             out.append(f"| {head} | " + " | ".join(mean_sd([fid_in(f"{R}/{head}-{seeds[0]}-cfg{c:g}.fid.txt")])
                                                for c in cfgs) + " |")
-    if all(os.path.exists(f"{R}/{h}-{seeds[0]}-euler50.npz") for h in ("pixnerd", "baseline")):
-        figure(R, seeds[0], f"{R}/samples.png")
+    paths = [f"{R}/test.npz"] + [f"{R}/{h}-{seeds[0]}-euler50.npz" for h in ("pixnerd", "baseline")]
+    if all(map(os.path.exists, paths)):
+        figure(paths, f"{R}/samples.png")
     out += ["", f"Samples: {R}/samples.png (per class: test images | PixNerd | Baseline, seed {seeds[0]}, Euler-50)."]
     text = "\n".join(out) + "\n"
     open(f"{R}/report.md", "w").write(text)
