@@ -22,7 +22,7 @@
 # statistics computed on the other core meanwhile; then FID-1K of the 4,000 and 8,000-step
 # milestones and FID-2K at 12,000 (Euler-50 and Adams-2-25). About 1.7 hours.
 set -euo pipefail
-R=${R:-results/fashion_mnist_cpu}; D=${D:-$R/data}; PARTS=${PARTS:-"1 2 3 4 5"}; JOBS=${JOBS:-2}
+R=${R:-results/fashion_mnist_cpu}; D=${D:-$R/data}; PARTS=${PARTS:-"1 2 3 4 5 6"}; JOBS=${JOBS:-2}
 export OMP_NUM_THREADS=1
 source scripts/fashion_mnist_common.sh                   # data, test.npz, train.npy; floor, slot, fid_of
 SAMPLE_BATCH=250
