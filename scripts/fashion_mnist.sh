@@ -13,7 +13,7 @@
 #   SEEDS=0 VARIANTS= BATCH=512 STEPS=... bash scripts/fashion_mnist.sh   # one seed of each head, longer
 #   python scripts/fashion_mnist_report.py "$R"           # the tables and the figure
 #
-# No REPA: a DINOv2 trained on ImageNet says little about 32 px grey garments. EMA 0.999 and lr 2e-4
+# No REPA: a DINOv2 trained on ImageNet says little about 32 px grey garments. EMA 0.999 and lr 2e-4 (LR)
 # because the runs are tens of thousands of steps, not the paper's 800k. A run cut short (a kill, a
 # time limit) is continued by running the script again: train.py --resume, and the samples fill in
 # what is missing. The variables below set the scale; a CPU smoke test of the whole path:
@@ -35,7 +35,7 @@ train() {  # name, then train.py flags: trains (or continues) one run; its log i
   name=$1; shift
   resume=$(ls "$R/$name"/*/ckpt-last.pt > /dev/null 2>&1 && echo --resume || true)
   python train.py --model "$MODEL" --data-path "$D/train" --cache "$R/train.npy" --image-size 32 \
-    --global-batch-size "$BATCH" --max-steps "$STEPS" --lr 2e-4 --ema-decay 0.999 --sample-cfg 1 \
+    --global-batch-size "$BATCH" --max-steps "$STEPS" --lr "${LR:-2e-4}" --ema-decay 0.999 --sample-cfg 1 \
     --ckpt-every "$CKPT_EVERY" --sample-every "$FID_EVERY" --log-every $(( (FID_EVERY + 9) / 10 )) \
     --milestone-every "$FID_EVERY" --num-workers 2 --results-dir "$R/$name" $resume "$@" >> "$R/$name.log" 2>&1
 }
