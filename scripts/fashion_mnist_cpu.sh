@@ -21,6 +21,8 @@
 # probe favoured (loss 0.165 against 0.400 at step 400): 12,000 steps, the test images' Inception
 # statistics computed on the other core meanwhile; then FID-1K of the 4,000 and 8,000-step
 # milestones and FID-2K at 12,000 (Euler-50 and Adams-2-25). About 1.7 hours.
+# Part 6, run beside part 5 once its Inception statistics are done: the Baseline at lr 1e-3, seed 0,
+# 12,000 steps, against part 5's PixNerd at equal steps; FID-2K, Euler-50. About 45 minutes.
 set -euo pipefail
 R=${R:-results/fashion_mnist_cpu}; D=${D:-$R/data}; PARTS=${PARTS:-"1 2 3 4 5 6"}; JOBS=${JOBS:-2}
 export OMP_NUM_THREADS=1
@@ -87,8 +89,6 @@ if [[ " $PARTS " == *" 5 "* ]]; then
   slot; N=2000 fid_of "$P/ckpt-last.pt" "$R/pixnerd-lr1e-3-12k-adams2_25" --solver adams2 --steps 25 --cfg-scale 1 &
   wait
 fi
-# Part 6 (run beside part 5 once its Inception statistics are done): the Baseline at lr 1e-3, seed 0,
-# 12,000 steps, against part 5's PixNerd at equal steps; FID-2K, Euler-50. About 45 minutes.
 if [[ " $PARTS " == *" 6 "* ]]; then
   LR=1e-3 train "$R/baseline-lr1e-3" --max-steps 12000 --milestone-every 4000 --sample-every 4000 --seed 0 --head linear
   N=2000 fid_of "$R/baseline-lr1e-3/000-XS-8/ckpt-last.pt" "$R/baseline-lr1e-3-12k-euler50" --solver euler --steps 50 --cfg-scale 1

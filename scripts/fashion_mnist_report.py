@@ -107,7 +107,7 @@ def main(R):
     paths = [f"{R}/test.npz"] + [f"{R}/{h}-{seeds[0]}-euler50.npz" for h in ("pixnerd", "baseline")]
     if all(map(os.path.exists, paths)):
         figure(paths, f"{R}/samples.png")
-    out += ["", f"Samples: {R}/samples.png (per class: test images | PixNerd | Baseline, seed {seeds[0]}, Euler-50)."]
+        out += ["", f"Samples: {R}/samples.png (per class: test images | PixNerd | Baseline, seed {seeds[0]}, Euler-50)."]
     text = "\n".join(out) + "\n"
     open(f"{R}/report.md", "w").write(text)
     print(text, end="")
